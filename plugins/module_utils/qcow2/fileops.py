@@ -1,0 +1,119 @@
+# Copyright (c) 2026 vdisk.qcow2 developers
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""Thin wrappers over the Linux calls the writer needs: fallocate, file flags, fsync.
+
+Only the standard library: `fallocate(2)` through ctypes (os.posix_fallocate would fall back
+to glibc's one-byte-per-block emulation on filesystems that refuse, which we never want).
+"""
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import stat
+import struct
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - non-Unix
+    fcntl = None
+
+FS_IOC_GETFLAGS = 0x80086601
+FS_IOC_SETFLAGS = 0x40086602
+FS_NOCOW_FL = 0x00800000
+FS_IOC_FSGETXATTR = 0x801C581F
+FS_IOC_FSSETXATTR = 0x401C5820
+FS_XFLAG_EXTSIZE = 0x00000800
+_FSXATTR = struct.Struct("=IIIII8x")
+
+_NOT_SUPPORTED = (errno.EOPNOTSUPP, errno.ENOTTY, errno.ENOSYS, errno.EINVAL,
+                  getattr(errno, "ENOTSUP", errno.EOPNOTSUPP))
+
+_libc = None
+
+
+def _get_libc():
+    global _libc
+    if _libc is None:
+        name = ctypes.util.find_library("c") or None
+        _libc = ctypes.CDLL(name, use_errno=True)
+        func = getattr(_libc, "fallocate64", None) or _libc.fallocate
+        func.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        func.restype = ctypes.c_int
+        _libc.vdisk_fallocate = func
+    return _libc
+
+
+def fallocate(fd, offset, length, mode=0):
+    """One fallocate(2) call. Raises OSError (EOPNOTSUPP when the filesystem refuses)."""
+    if length <= 0:
+        return
+    try:
+        libc = _get_libc()
+    except (OSError, AttributeError):
+        raise OSError(errno.ENOSYS, "fallocate is not available on this system")
+    if libc.vdisk_fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def is_not_supported(exc):
+    return isinstance(exc, OSError) and exc.errno in _NOT_SUPPORTED
+
+
+def set_nocow(fd):
+    """Set FS_NOCOW_FL (btrfs). Returns True when set, False where the filesystem has none."""
+    if fcntl is None:
+        return False
+    try:
+        buf = fcntl.ioctl(fd, FS_IOC_GETFLAGS, struct.pack("=l", 0))
+        flags = struct.unpack("=l", buf)[0]
+        fcntl.ioctl(fd, FS_IOC_SETFLAGS, struct.pack("=l", flags | FS_NOCOW_FL))
+        buf = fcntl.ioctl(fd, FS_IOC_GETFLAGS, struct.pack("=l", 0))
+        return bool(struct.unpack("=l", buf)[0] & FS_NOCOW_FL)
+    except OSError:
+        return False
+
+
+def set_extent_size_hint(fd, hint):
+    """Set the XFS extent size hint like qemu-img does; False where unsupported."""
+    if fcntl is None or not hint:
+        return False
+    try:
+        buf = fcntl.ioctl(fd, FS_IOC_FSGETXATTR, bytes(_FSXATTR.size))
+        xflags, _extsize, nextents, projid, cowext = _FSXATTR.unpack(buf)
+        new = _FSXATTR.pack(xflags | FS_XFLAG_EXTSIZE, hint, nextents, projid, cowext)
+        fcntl.ioctl(fd, FS_IOC_FSSETXATTR, new)
+        return True
+    except OSError:
+        return False
+
+
+def fsync_dir(path):
+    """fsync the directory holding `path` so a rename survives a crash."""
+    dirname = os.path.dirname(os.path.abspath(path))
+    try:
+        fd = os.open(dirname, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def is_block_device(fd):
+    return stat.S_ISBLK(os.fstat(fd).st_mode)
+
+
+def device_size(fd):
+    return os.lseek(fd, 0, os.SEEK_END)
+
+
+def free_bytes(path):
+    """Bytes available to this user in the filesystem holding `path`."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize

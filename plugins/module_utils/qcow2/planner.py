@@ -1,0 +1,250 @@
+# Copyright (c) 2026 vdisk.qcow2 developers
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""The layout planner: validated options in, a byte layout out. No I/O.
+
+preallocation=off reproduces qemu-img's layout exactly (see allocator.py).
+
+metadata, falloc and full use one layout computed in closed form, every region contiguous:
+
+    [header][refcount table][refcount blocks][L1][L2 tables][data clusters]
+
+Every cluster of the file is referenced exactly once, so every refcount is 1 and every
+L1/L2 entry carries COPIED; the refcount structures are sized by the fixed point of "blocks
+that also count themselves". With an external data file the data clusters live there, L2
+entries map guest cluster k to data-file offset k (identity) and are not refcounted.
+"""
+
+from . import constants as C
+from .allocator import QemuCreateModel, div_round_up, refcount_metadata_size
+from .errors import Qcow2Error
+from .header import Header, encode_cluster0, standard_extensions
+from .tables import ones_refblocks, padded, progression, zeros
+
+
+class Region(object):
+    """A run of bytes the writer puts into the image file."""
+
+    __slots__ = ("name", "offset", "length", "source")
+
+    def __init__(self, name, offset, length, source):
+        self.name = name
+        self.offset = offset
+        self.length = length
+        self.source = source        # a callable returning an iterator of bytes chunks
+
+    def chunks(self):
+        return self.source()
+
+    def describe(self):
+        return {"name": self.name, "offset": self.offset, "length": self.length}
+
+    def __repr__(self):
+        return "Region(%s, %d, %d)" % (self.name, self.offset, self.length)
+
+
+class Plan(object):
+    """Everything the writer needs, and what the caller may want to report."""
+
+    def __init__(self, options, mode):
+        self.options = options
+        self.mode = mode                   # effective preallocation mode
+        self.cluster_size = options.cluster_size
+        self.header = None
+        self.regions = []                  # metadata regions, ascending, non-overlapping
+        self.data_offset = 0               # host range of the data clusters in the image file
+        self.data_length = 0
+        self.file_size = 0                 # final length of the image file
+        self.data_file_size = 0            # final length of the external data file, if any
+        self.zero_flag = False
+
+    @property
+    def guest_clusters(self):
+        return div_round_up(self.options.size, self.cluster_size)
+
+    @property
+    def allocated_bytes(self):
+        """Bytes the filesystem must provide (falloc/full), image and data file together."""
+        total = sum(r.length for r in self.regions)
+        if self.mode in ("falloc", "full"):
+            total += self.data_length
+            if self.options.data_file:
+                total += self.data_file_size
+        return total
+
+    def describe(self):
+        return {
+            "mode": self.mode,
+            "file_size": self.file_size,
+            "regions": [r.describe() for r in self.regions],
+            "data": {"offset": self.data_offset, "length": self.data_length},
+            "data_file_size": self.data_file_size,
+        }
+
+
+def _base_header(opts):
+    hdr = Header()
+    hdr.version = opts.version
+    hdr.cluster_bits = opts.cluster_bits
+    hdr.size = opts.size
+    hdr.refcount_order = opts.refcount_order
+    if opts.version == 2:
+        hdr.header_length = C.V2_HEADER_LENGTH
+        return hdr
+    hdr.header_length = C.V3_HEADER_LENGTH
+    if opts.data_file:
+        hdr.incompatible_features |= C.INCOMPAT_DATA_FILE
+    if opts.compression_type == "zstd":
+        hdr.incompatible_features |= C.INCOMPAT_COMPRESSION
+        hdr.compression_type = C.COMPRESSION_ZSTD
+    if opts.extended_l2:
+        hdr.incompatible_features |= C.INCOMPAT_EXTL2
+    if opts.lazy_refcounts:
+        hdr.compatible_features |= C.COMPAT_LAZY_REFCOUNTS
+    if opts.data_file_raw:
+        hdr.autoclear_features |= C.AUTOCLEAR_DATA_FILE_RAW
+    return hdr
+
+
+def l1_entries(size, cluster_size, extended_l2):
+    """Number of L1 entries QEMU gives an image of `size` bytes."""
+    per_l2 = cluster_size // C.l2_entry_size(extended_l2)
+    return div_round_up(div_round_up(size, cluster_size), per_l2)
+
+
+def _cluster0_region(hdr, opts):
+    exts = standard_extensions(opts.version, opts.cluster_size, opts.backing_fmt, opts.data_file)
+    data = encode_cluster0(hdr, exts, opts.backing_file)
+    return Region("header", 0, len(data), lambda: iter((data,)))
+
+
+def plan_create(opts, zero_flag=False):
+    """Plan a new image for validated CreateOptions.
+
+    `zero_flag` marks preallocated clusters as reading zeros (for targets without zero-init
+    such as block devices); it needs compat 1.1.
+    """
+    mode = opts.effective_preallocation
+    plan = Plan(opts, mode)
+    if opts.data_file:
+        plan.data_file_size = opts.size
+    if mode == "off":
+        _plan_off(plan, opts)
+    else:
+        if zero_flag and opts.version == 2:
+            raise Qcow2Error("preallocation: %s on a device without zero-initialisation needs "
+                             "compat 1.1 (zero flags do not exist in compat 0.10)" % mode,
+                             option="preallocation")
+        plan.zero_flag = zero_flag
+        _plan_prealloc(plan, opts)
+    return plan
+
+
+def _plan_off(plan, opts):
+    """qemu-img's own layout: replay its allocator for the L1 table."""
+    cs = opts.cluster_size
+    n_l1 = l1_entries(opts.size, cs, opts.extended_l2)
+    model = QemuCreateModel(cs, opts.refcount_order).create(n_l1 * 8)
+    hdr = _base_header(opts)
+    hdr.l1_size = n_l1
+    hdr.l1_table_offset = model.l1_offset
+    hdr.refcount_table_offset = model.reftable_offset
+    hdr.refcount_table_clusters = model.reftable_clusters
+    plan.header = hdr
+    plan.regions.append(_cluster0_region(hdr, opts))
+    contents = model.contents()
+    contents.pop(0, None)
+    # Coalesce adjacent clusters into regions so the writer issues few large writes.
+    run = []
+    for index in sorted(contents):
+        if run and index != run[-1] + 1:
+            plan.regions.append(_run_region(run, contents, cs))
+            run = []
+        run.append(index)
+    if run:
+        plan.regions.append(_run_region(run, contents, cs))
+    plan.file_size = model.file_size
+
+
+def _run_region(run, contents, cs):
+    data = b"".join(contents[i] for i in run)
+    return Region("metadata", run[0] * cs, len(data), lambda: iter((data,)))
+
+
+def _plan_prealloc(plan, opts):
+    cs = opts.cluster_size
+    cluster_count = div_round_up(opts.size, cs)
+    entry_size = C.l2_entry_size(opts.extended_l2)
+    per_l2 = cs // entry_size
+    n_l2 = div_round_up(cluster_count, per_l2)
+    n_l1 = n_l2
+    l1_clusters = div_round_up(n_l1 * 8, cs)
+    external = bool(opts.data_file)
+    data_clusters = 0 if external else cluster_count
+    counted = 1 + l1_clusters + n_l2 + data_clusters
+    blocks, table = refcount_metadata_size(counted, cs, opts.refcount_order, False)
+    if table * cs > C.MAX_REFTABLE_BYTES:
+        raise Qcow2Error("size: the refcount table for this image would exceed 8 MiB; use a "
+                         "larger cluster_size", option="size")
+    total = counted + blocks + table
+    if total * cs >= C.MAX_HOST_OFFSET:
+        raise Qcow2Error("size: a preallocated image this large would exceed the qcow2 host "
+                         "offset limit", option="size")
+
+    reftable_at = 1
+    refblocks_at = reftable_at + table
+    l1_at = refblocks_at + blocks
+    l2_at = l1_at + l1_clusters
+    data_at = l2_at + n_l2
+    end = data_at + data_clusters
+
+    hdr = _base_header(opts)
+    hdr.l1_size = n_l1
+    hdr.l1_table_offset = l1_at * cs if n_l1 else 0
+    hdr.refcount_table_offset = reftable_at * cs
+    hdr.refcount_table_clusters = table
+    plan.header = hdr
+    plan.regions.append(_cluster0_region(hdr, opts))
+
+    order = opts.refcount_order
+    plan.regions.append(Region(
+        "refcount table", reftable_at * cs, table * cs,
+        lambda: padded(progression(refblocks_at * cs, cs, blocks), table * cs)))
+    plan.regions.append(Region(
+        "refcount blocks", refblocks_at * cs, blocks * cs,
+        lambda: ones_refblocks(total, order, blocks * cs)))
+    if n_l1:
+        plan.regions.append(Region(
+            "L1 table", l1_at * cs, l1_clusters * cs,
+            lambda: padded(progression((l2_at * cs) | C.OFLAG_COPIED, cs, n_l1),
+                           l1_clusters * cs)))
+        zero = plan.zero_flag
+        if opts.extended_l2:
+            # Bitmap: all subclusters "allocated" would expose host bytes; leave them
+            # unallocated (reads fall through to zeros or the backing file) like QEMU, or
+            # mark them as zero for targets without zero-initialisation.
+            tail = 0xFFFFFFFF00000000 if zero else 0
+            flags = C.OFLAG_COPIED
+        else:
+            tail = 0
+            flags = C.OFLAG_COPIED | (C.OFLAG_ZERO if zero else 0)
+        first_data = 0 if external else data_at * cs
+        plan.regions.append(Region(
+            "L2 tables", l2_at * cs, n_l2 * cs,
+            lambda: padded(progression(first_data | flags, cs, cluster_count,
+                                       entry_size, tail), n_l2 * cs)))
+    plan.data_offset = data_at * cs
+    plan.data_length = data_clusters * cs
+    plan.file_size = end * cs
+
+
+def metadata_chunks(plan):
+    """Yield (offset, bytes) for every metadata region, in file order."""
+    for region in plan.regions:
+        offset = region.offset
+        for piece in region.chunks():
+            yield offset, piece
+            offset += len(piece)
+
+
+__all__ = ["Plan", "Region", "plan_create", "metadata_chunks", "l1_entries", "zeros"]

@@ -1,0 +1,280 @@
+# Copyright (c) 2026 vdisk.qcow2 developers
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""Apply a Plan to a file or a block device.
+
+Regular files are created atomically: a temporary file with O_EXCL in the target directory,
+made complete and durable (fsync), then renamed into place and the directory fsynced. A
+failure at any point removes the temporary file and leaves `path` as it was.
+
+Allocation strategies for the data region:
+  metadata: left as holes (qemu-img map then reports the clusters as zero);
+  falloc:   one fallocate(2) call over the region; zero writes only where the filesystem
+            refuses (EOPNOTSUPP), and the result says which method ran;
+  full:     zeros really written in large buffers, then fdatasync.
+Block devices are never truncated and, having no zero-initialisation, get every metadata byte
+written explicitly.
+"""
+
+import errno
+import os
+import time
+
+from . import fileops
+from .errors import Qcow2Error
+from .planner import metadata_chunks
+
+WRITE_BUFFER = 8 * 1024 * 1024
+ZERO_BUFFER = 16 * 1024 * 1024
+
+
+class WriteResult(object):
+    def __init__(self):
+        self.method = "sparse"
+        self.nocow = False
+        self.extent_size_hint = False
+        self.bytes_written = 0
+        self.seconds = 0.0
+
+    def as_dict(self):
+        return {"method": self.method, "nocow": self.nocow,
+                "extent_size_hint": self.extent_size_hint,
+                "bytes_written": self.bytes_written, "seconds": round(self.seconds, 6)}
+
+
+def _pwrite_all(fd, data, offset):
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        if n <= 0:
+            raise OSError(errno.EIO, "short write")
+        view = view[n:]
+        offset += n
+
+
+def write_metadata(fd, plan, result):
+    """Write every metadata region, coalescing chunks into large sequential writes."""
+    pending = []
+    pending_off = None
+    pending_len = 0
+    for offset, piece in metadata_chunks(plan):
+        if pending and offset != pending_off + pending_len:
+            _pwrite_all(fd, b"".join(pending), pending_off)
+            result.bytes_written += pending_len
+            pending, pending_len = [], 0
+        if not pending:
+            pending_off = offset
+        pending.append(piece)
+        pending_len += len(piece)
+        if pending_len >= WRITE_BUFFER:
+            _pwrite_all(fd, b"".join(pending), pending_off)
+            result.bytes_written += pending_len
+            pending_off += pending_len
+            pending, pending_len = [], 0
+    if pending:
+        _pwrite_all(fd, b"".join(pending), pending_off)
+        result.bytes_written += pending_len
+
+
+def write_zeros(fd, offset, length, result=None):
+    """Write `length` zero bytes at `offset` with large buffers."""
+    buf = bytes(min(ZERO_BUFFER, max(length, 0)))
+    end = offset + length
+    while offset < end:
+        n = min(len(buf), end - offset)
+        _pwrite_all(fd, buf if n == len(buf) else memoryview(buf)[:n], offset)
+        offset += n
+        if result is not None:
+            result.bytes_written += n
+
+
+def allocate(fd, offset, length, mode, result, device=False):
+    """Allocate [offset, offset+length) in `mode` (metadata leaves it alone)."""
+    if length <= 0 or mode in ("off", "metadata"):
+        return
+    if mode == "falloc" and not device:
+        try:
+            fileops.fallocate(fd, offset, length)
+            result.method = "fallocate"
+            return
+        except OSError as exc:
+            if not fileops.is_not_supported(exc):
+                raise
+        result.method = "zero-writes (fallocate not supported by the filesystem)"
+        write_zeros(fd, offset, length, result)
+        return
+    result.method = "zero-writes"
+    write_zeros(fd, offset, length, result)
+
+
+def apply_to_fd(fd, plan, device=False, nocow=False, extent_size_hint=0):
+    """Write a planned image into an open, empty file (or a block device)."""
+    result = WriteResult()
+    start = time.monotonic()
+    if not device:
+        if nocow:
+            result.nocow = fileops.set_nocow(fd)
+        if extent_size_hint:
+            result.extent_size_hint = fileops.set_extent_size_hint(fd, extent_size_hint)
+    else:
+        size = fileops.device_size(fd)
+        if size < plan.file_size:
+            raise Qcow2Error("the block device holds %d bytes, the image needs %d"
+                             % (size, plan.file_size), option="size")
+    if plan.mode == "falloc":
+        allocate(fd, plan.data_offset, plan.data_length, "falloc", result, device)
+    write_metadata(fd, plan, result)
+    if device:
+        _zero_gaps(fd, plan, result)
+    if plan.mode == "full" or (device and plan.mode == "falloc"):
+        allocate(fd, plan.data_offset, plan.data_length, "full", result, device)
+    if not device:
+        os.ftruncate(fd, plan.file_size)
+    if plan.mode == "metadata":
+        result.method = "sparse"
+    elif plan.mode == "off":
+        result.method = "sparse"
+    if plan.mode == "full":
+        os.fdatasync(fd)
+    os.fsync(fd)
+    result.seconds = time.monotonic() - start
+    return result
+
+
+def _zero_gaps(fd, plan, result):
+    """On a device, zero every byte of the image that no region writes (except data)."""
+    covered = sorted((r.offset, r.offset + r.length) for r in plan.regions)
+    if plan.data_length:
+        covered.append((plan.data_offset, plan.data_offset + plan.data_length))
+        covered.sort()
+    pos = 0
+    for start, end in covered:
+        if start > pos:
+            write_zeros(fd, pos, start - pos, result)
+        pos = max(pos, end)
+    if pos < plan.file_size:
+        write_zeros(fd, pos, plan.file_size - pos, result)
+
+
+def check_space(directory, plan):
+    """Refuse up front when the filesystem cannot hold a falloc/full image."""
+    if plan.mode not in ("falloc", "full"):
+        return
+    need = plan.allocated_bytes
+    have = fileops.free_bytes(directory)
+    if need > have:
+        raise Qcow2Error(
+            "not enough free space for preallocation=%s: the image needs %d bytes, the "
+            "filesystem holding %s has %d available" % (plan.mode, need, directory, have),
+            option="preallocation")
+
+
+def _temp_path(path):
+    directory, name = os.path.split(os.path.abspath(path))
+    return os.path.join(directory, ".%s.%d.%d.tmp" % (name, os.getpid(),
+                                                     int(time.monotonic() * 1e6) % 10 ** 9))
+
+
+def create_file(path, plan, replace=False, mode=0o644, data_file_path=None):
+    """Create the image at `path` atomically. Returns a WriteResult.
+
+    replace=False refuses when `path` exists (checked again at the final link, so a file that
+    appears meanwhile is never overwritten). `data_file_path` is where the external data file
+    goes, for plans that have one.
+    """
+    opts = plan.options
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise Qcow2Error("%s: the directory %s does not exist" % (path, directory), path=path)
+    if not replace and os.path.lexists(path):
+        raise Qcow2Error("%s: a file already exists at this path" % path, path=path)
+    check_space(directory, plan)
+    data_tmp = None
+    tmp = _temp_path(path)
+    fd = None
+    try:
+        if opts.data_file:
+            data_tmp = _create_data_file(data_file_path, plan, replace, mode)
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
+                     mode)
+        os.fchmod(fd, mode & ~_umask())
+        result = apply_to_fd(fd, plan, nocow=opts.nocow, extent_size_hint=opts.extent_size_hint)
+        os.close(fd)
+        fd = None
+        if data_tmp:
+            _install(data_tmp, data_file_path, replace)
+            data_tmp = None
+        _install(tmp, path, replace)
+        fileops.fsync_dir(path)
+        return result
+    except OSError as exc:
+        raise Qcow2Error("%s: cannot create the image: %s" % (path, exc.strerror or exc),
+                         path=path)
+    finally:
+        if fd is not None:
+            os.close(fd)
+        for leftover in (tmp, data_tmp):
+            if leftover and os.path.lexists(leftover):
+                try:
+                    os.unlink(leftover)
+                except OSError:
+                    pass
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _install(tmp, path, replace):
+    """Move a finished temporary file to `path`; without replace never clobber."""
+    if replace:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)
+    except OSError as exc:
+        if exc.errno == errno.EEXIST:
+            raise Qcow2Error("%s: a file appeared at this path while the image was being "
+                             "created; it was left untouched" % path, path=path)
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+            raise
+        if os.path.lexists(path):
+            raise Qcow2Error("%s: a file already exists at this path" % path, path=path)
+        os.rename(tmp, path)
+        return
+    os.unlink(tmp)
+
+
+def _create_data_file(data_path, plan, replace, mode):
+    """Write the external data file to a temporary name; returns that name."""
+    if not replace and os.path.lexists(data_path):
+        raise Qcow2Error("%s: the data file already exists" % data_path, option="data_file",
+                         path=data_path)
+    tmp = _temp_path(data_path)
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), mode)
+    try:
+        os.fchmod(fd, mode & ~_umask())
+        result = WriteResult()
+        if plan.mode in ("falloc", "full"):
+            allocate(fd, 0, plan.data_file_size, plan.mode, result)
+        os.ftruncate(fd, plan.data_file_size)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    os.close(fd)
+    return tmp
+
+
+def write_device(device_path, plan):
+    """Write a planned image onto a block device (no truncate, every byte explicit)."""
+    fd = os.open(device_path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
+    try:
+        if not fileops.is_block_device(fd):
+            raise Qcow2Error("%s: not a block device" % device_path, path=device_path)
+        return apply_to_fd(fd, plan, device=True)
+    finally:
+        os.close(fd)
