@@ -52,12 +52,20 @@ def _pwrite_all(fd, data, offset):
         offset += n
 
 
-def write_metadata(fd, plan, result):
-    """Write every metadata region, coalescing chunks into large sequential writes."""
+def write_metadata(fd, plan, result, sparse=True):
+    """Write every metadata region, coalescing chunks into large sequential writes.
+
+    With `sparse` (a new regular file, which reads as zeros) all-zero chunks are skipped, so
+    padding stays a hole: fewer bytes written, and qemu-img's detection of metadata
+    preallocation (refcounted clusters against allocated blocks) sees what it expects.
+    """
     pending = []
     pending_off = None
     pending_len = 0
+    zero = bytes(WRITE_BUFFER)
     for offset, piece in metadata_chunks(plan):
+        if sparse and len(piece) <= len(zero) and piece == zero[:len(piece)]:
+            continue
         if pending and offset != pending_off + pending_len:
             _pwrite_all(fd, b"".join(pending), pending_off)
             result.bytes_written += pending_len
@@ -123,7 +131,7 @@ def apply_to_fd(fd, plan, device=False, nocow=False, extent_size_hint=0):
                              % (size, plan.file_size), option="size")
     if plan.mode == "falloc":
         allocate(fd, plan.data_offset, plan.data_length, "falloc", result, device)
-    write_metadata(fd, plan, result)
+    write_metadata(fd, plan, result, sparse=not device and plan.mode in ("off", "metadata"))
     if device:
         _zero_gaps(fd, plan, result)
     if plan.mode == "full" or (device and plan.mode == "falloc"):
