@@ -117,3 +117,107 @@ def free_bytes(path):
     """Bytes available to this user in the filesystem holding `path`."""
     st = os.statvfs(path)
     return st.f_bavail * st.f_frsize
+
+
+FS_IOC_FIEMAP = 0xC020660B
+FIEMAP_FLAG_SYNC = 0x1
+FIEMAP_EXTENT_LAST = 0x1
+FIEMAP_EXTENT_UNKNOWN = 0x2
+FIEMAP_EXTENT_DELALLOC = 0x4
+FIEMAP_EXTENT_UNWRITTEN = 0x800
+_FIEMAP_HEAD = struct.Struct("=QQIIII")
+_FIEMAP_EXTENT = struct.Struct("=QQQ16xI12x")
+assert _FIEMAP_HEAD.size == 32 and _FIEMAP_EXTENT.size == 56
+
+
+def fiemap(fd, start, length, batch=512):
+    """Yield (logical, length, flags) extents of the file overlapping [start, start+length).
+
+    Raises OSError (ENOTTY/EOPNOTSUPP) where the filesystem has no FIEMAP.
+    """
+    if fcntl is None:
+        raise OSError(errno.ENOTTY, "no ioctl support")
+    end = start + length
+    pos = start
+    while pos < end:
+        buf = bytearray(_FIEMAP_HEAD.size + batch * _FIEMAP_EXTENT.size)
+        _FIEMAP_HEAD.pack_into(buf, 0, pos, end - pos, FIEMAP_FLAG_SYNC, 0, batch, 0)
+        fcntl.ioctl(fd, FS_IOC_FIEMAP, buf, True)
+        mapped = _FIEMAP_HEAD.unpack_from(buf, 0)[3]
+        if mapped == 0:
+            return
+        last_end = pos
+        for i in range(mapped):
+            logical, _physical, ext_len, flags = _FIEMAP_EXTENT.unpack_from(
+                buf, _FIEMAP_HEAD.size + i * _FIEMAP_EXTENT.size)
+            yield logical, ext_len, flags
+            last_end = logical + ext_len
+            if flags & FIEMAP_EXTENT_LAST:
+                return
+        if last_end <= pos:
+            return
+        pos = last_end
+
+
+def data_segments(fd, start, length):
+    """Yield (offset, length) ranges inside [start, start+length) that hold data (not holes)."""
+    end = start + length
+    pos = start
+    while pos < end:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:
+                return
+            raise
+        if data >= end:
+            return
+        hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+        yield data, hole - data
+        pos = hole
+
+
+def unbacked_segments(fd, start, length):
+    """Ranges in [start, start+length) that are holes or unwritten extents.
+
+    These are the only places where writing zeros can never overwrite data. Uses FIEMAP;
+    falls back to SEEK_HOLE (holes only) where FIEMAP is unavailable, and then reports
+    fiemap=False so callers can say how they judged.
+    """
+    end = start + length
+    out = []
+    try:
+        pos = start
+        for logical, ext_len, flags in fiemap(fd, start, length):
+            lo = max(logical, start)
+            hi = min(logical + ext_len, end)
+            if lo > pos:
+                out.append((pos, lo - pos))
+            if flags & FIEMAP_EXTENT_UNWRITTEN and hi > lo:
+                out.append((lo, hi - lo))
+            pos = max(pos, hi)
+        if pos < end:
+            out.append((pos, end - pos))
+        return _merge(out), True
+    except OSError as exc:
+        if not is_not_supported(exc):
+            raise
+    pos = start
+    for off, seg_len in data_segments(fd, start, length):
+        if off > pos:
+            out.append((pos, off - pos))
+        pos = off + seg_len
+    if pos < end:
+        out.append((pos, end - pos))
+    return _merge(out), False
+
+
+def _merge(ranges):
+    merged = []
+    for off, length in sorted(ranges):
+        if merged and merged[-1][0] + merged[-1][1] >= off:
+            last_off, last_len = merged[-1]
+            merged[-1] = (last_off, max(last_len, off + length - last_off))
+        else:
+            merged.append((off, length))
+    return merged
