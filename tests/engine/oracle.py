@@ -1,0 +1,92 @@
+# Copyright (c) 2026 vdisk.qcow2 developers
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""qemu-img as the oracle: run it, parse its JSON, compare meanings. Tests only."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir, os.pardir))
+ENGINE = os.path.join(ROOT, "plugins", "module_utils")
+if ENGINE not in sys.path:
+    sys.path.insert(0, ENGINE)
+
+QEMU_IMG = shutil.which("qemu-img")
+QEMU_IO = shutil.which("qemu-io")
+
+# Counters the terminal summary prints (see conftest.py).
+COUNTS = {"off byte-compared": 0, "modes checked by qemu-img": 0, "refusals compared": 0,
+          "grow cases": 0, "prealloc raises": 0}
+
+
+def run(*args, **kwargs):
+    return subprocess.run([str(a) for a in args], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, universal_newlines=True, **kwargs)
+
+
+def option_string(opts):
+    parts = []
+    for key, value in opts.items():
+        if key == "size" or value is None:
+            continue
+        if isinstance(value, bool):
+            value = "on" if value else "off"
+        parts.append("%s=%s" % (key, str(value).replace(",", ",,")))
+    return ",".join(parts)
+
+
+def qemu_create(path, opts, cwd=None):
+    """qemu-img create with the same options; returns the CompletedProcess."""
+    cmd = [QEMU_IMG, "create", "-q", "-f", "qcow2"]
+    ostr = option_string(opts)
+    if ostr:
+        cmd += ["-o", ostr]
+    cmd.append(path)
+    if opts.get("size") is not None:
+        cmd.append(str(opts["size"]))
+    return run(*cmd, cwd=cwd)
+
+
+def qemu_json(cmd, path, cwd=None):
+    proc = run(QEMU_IMG, cmd, "--output=json", path, cwd=cwd)
+    data = json.loads(proc.stdout) if proc.stdout.strip() else None
+    return proc.returncode, data, proc.stderr
+
+
+def qemu_info(path, cwd=None):
+    code, data, err = qemu_json("info", path, cwd)
+    assert code == 0, err
+    data.pop("actual-size", None)
+    return data
+
+
+def qemu_check(path, cwd=None):
+    return qemu_json("check", path, cwd)
+
+
+def map_meaning(entries, zero_dont_care=False):
+    """Merge a map into runs of equal (present, zero, data), dropping host offsets."""
+    runs = []
+    for e in entries:
+        key = (e["depth"], e["present"], True if zero_dont_care else e["zero"], e["data"])
+        if runs and runs[-1][2] == key and runs[-1][0] + runs[-1][1] == e["start"]:
+            runs[-1][1] += e["length"]
+        else:
+            runs.append([e["start"], e["length"], key])
+    return runs
+
+
+def qemu_map(path, cwd=None):
+    code, data, err = qemu_json("map", path, cwd)
+    assert code == 0, err
+    return data
+
+
+def assert_clean(path, cwd=None):
+    code, data, err = qemu_check(path, cwd)
+    assert code == 0, "qemu-img check failed (%d): %s %s" % (code, data, err)
+    assert not data.get("corruptions") and not data.get("leaks"), data
+    return data

@@ -1,0 +1,241 @@
+# Copyright (c) 2026 vdisk.qcow2 developers
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""Unit tests of the codec, the option rules and the pure planner (no qemu-img, no disk)."""
+
+import struct
+
+import pytest
+
+import oracle  # noqa: F401  (puts the engine on sys.path)
+
+from qcow2 import constants as C
+from qcow2.allocator import QemuCreateModel, pack_refcounts, refcount_metadata_size
+from qcow2.errors import Qcow2Error
+from qcow2.header import Header, decode_cluster0, encode_cluster0, standard_extensions
+from qcow2.options import CreateOptions, parse_size
+from qcow2.planner import metadata_chunks, plan_create
+from qcow2.refcounts import get_refcount, set_refcount
+from qcow2.tables import ones_refblocks, progression
+
+
+def test_header_round_trip_v3_with_extensions():
+    hdr = Header(size=1 << 30, l1_size=2, l1_table_offset=3 << 16,
+                 refcount_table_offset=1 << 16, refcount_table_clusters=1,
+                 incompatible_features=C.INCOMPAT_COMPRESSION, compression_type=1)
+    exts = standard_extensions(3, 65536, backing_fmt="qcow2", data_file=None)
+    cluster = encode_cluster0(hdr, exts, "base.qcow2")
+    assert len(cluster) == 65536
+    back, back_exts, backing = decode_cluster0(cluster)
+    assert back == hdr
+    assert backing == "base.qcow2"
+    assert [e.type for e in back_exts] == [C.EXT_BACKING_FORMAT, C.EXT_FEATURE_TABLE]
+    assert back_exts[0].data == b"qcow2"
+
+
+def test_v2_header_is_72_bytes_and_has_no_feature_table():
+    hdr = Header(version=2, header_length=72)
+    cluster = encode_cluster0(hdr, standard_extensions(2, 65536), None)
+    assert cluster[72:80] == b"\0" * 8
+    assert decode_cluster0(cluster)[0].version == 2
+
+
+def test_feature_table_only_above_4k_clusters():
+    assert not standard_extensions(3, 4096)
+    assert len(standard_extensions(3, 8192)[0].data) == 8 * 48
+
+
+def test_decode_rejects_garbage():
+    with pytest.raises(Qcow2Error, match="not a qcow2"):
+        decode_cluster0(b"\0" * 512)
+    with pytest.raises(Qcow2Error, match="not a qcow2"):
+        decode_cluster0(b"QFI")
+    bad = bytearray(encode_cluster0(Header(), [], None))
+    struct.pack_into(">I", bad, 4, 7)
+    with pytest.raises(Qcow2Error, match="version 7"):
+        decode_cluster0(bytes(bad))
+    long_ext = bytearray(encode_cluster0(Header(), [], None))
+    struct.pack_into(">II", long_ext, 112, 0x12345678, 1 << 30)
+    with pytest.raises(Qcow2Error, match="extension"):
+        decode_cluster0(bytes(long_ext))
+
+
+def test_header_too_big_for_cluster_names_cluster_size():
+    hdr = Header(cluster_bits=9)
+    with pytest.raises(Qcow2Error) as err:
+        encode_cluster0(hdr, standard_extensions(3, 512, "qcow2"), "x" * 600)
+    assert err.value.option == "cluster_size"
+
+
+@pytest.mark.parametrize("text,expect", [
+    ("0", 0), ("512", 512), ("1k", 1024), ("1K", 1024), ("1.5k", 1536), ("2M", 2 << 20),
+    ("3G", 3 << 30), ("1T", 1 << 40), ("2P", 2 << 50), ("1E", 1 << 60), ("10GiB", 10 << 30),
+    ("4 MiB", 4 << 20), (123, 123)])
+def test_parse_size(text, expect):
+    assert parse_size(text) == expect
+
+
+@pytest.mark.parametrize("text", ["", "abc", "1Q", "1.2.3", "-5", True, None, "1e9"])
+def test_parse_size_refuses(text):
+    with pytest.raises(Qcow2Error) as err:
+        parse_size(text)
+    assert err.value.option == "size"
+
+
+def test_options_defaults_and_rounding():
+    opts = CreateOptions.from_dict({"size": 1000})
+    assert opts.size == 1024
+    assert (opts.cluster_size, opts.version, opts.refcount_bits) == (65536, 3, 16)
+    assert opts.preallocation == "off"
+    raw = CreateOptions.from_dict({"size": "1M", "data_file": "d", "data_file_raw": "on"})
+    assert raw.effective_preallocation == "metadata"
+
+
+def test_unknown_option_is_named():
+    with pytest.raises(Qcow2Error) as err:
+        CreateOptions.from_dict({"size": 1, "encryption": "on"})
+    assert err.value.option == "encryption"
+
+
+@pytest.mark.parametrize("clusters,cs,order,expect_blocks,expect_table", [
+    (3, 65536, 4, 1, 1), (32766, 65536, 4, 1, 1), (32767, 65536, 4, 2, 1),
+    (100000, 512, 6, None, None)])
+def test_refcount_metadata_fixed_point(clusters, cs, order, expect_blocks, expect_table):
+    blocks, table = refcount_metadata_size(clusters, cs, order, False)
+    per_block = cs * 8 >> order
+    total = clusters + blocks + table
+    # Exact: enough blocks to count everything including themselves, and not one more.
+    assert blocks * per_block >= total
+    assert (blocks - 1) * per_block < total
+    assert table * (cs // 8) >= blocks
+    assert (table - 1) * (cs // 8) < blocks
+    if expect_blocks is not None:
+        assert (blocks, table) == (expect_blocks, expect_table)
+
+
+def test_refcount_packing_all_widths():
+    for order in range(7):
+        bits = 1 << order
+        block = bytearray(64)
+        entries = 64 * 8 // bits
+        for i in range(entries):
+            set_refcount(block, i, (i * 7) % (1 << bits), order)
+        for i in range(entries):
+            assert get_refcount(block, i, order) == (i * 7) % (1 << bits)
+        counts = [(i * 7) % (1 << bits) for i in range(entries)]
+        assert pack_refcounts(counts, order) == bytes(block)
+    block = bytearray(1)
+    set_refcount(block, 0, 1, 2)
+    assert block == bytearray(b"\x01")  # sub-byte widths fill from the low bits
+
+
+@pytest.mark.parametrize("entry_size", [8, 16])
+def test_progression_matches_struct(entry_size):
+    first, step, count = (5 << 16) | C.OFLAG_COPIED, 65536, 10000
+    data = b"".join(progression(first, step, count, entry_size, tail=7, chunk_bytes=4096))
+    words = struct.unpack(">%dQ" % (len(data) // 8), data)
+    if entry_size == 8:
+        assert list(words) == [first + k * step for k in range(count)]
+    else:
+        assert list(words[0::2]) == [first + k * step for k in range(count)]
+        assert set(words[1::2]) == {7}
+
+
+@pytest.mark.parametrize("order", range(7))
+def test_ones_refblocks(order):
+    total = 1000
+    data = b"".join(ones_refblocks(total, order, 65536, chunk_bytes=1024))
+    assert len(data) == 65536
+    for i in (0, 1, total - 1):
+        assert get_refcount(data, i, order) == 1
+    assert get_refcount(data, total, order) == 0
+
+
+def _simulated_refcounts(plan):
+    """Apply the plan's bytes to a dict and count references the way qemu-img check does."""
+    image = bytearray(plan.file_size if plan.file_size < (64 << 20) else 0)
+    for offset, piece in metadata_chunks(plan):
+        image[offset:offset + len(piece)] = piece
+    return bytes(image)
+
+
+@pytest.mark.parametrize("mode", ["metadata", "falloc", "full"])
+@pytest.mark.parametrize("cs,order,size", [(512, 0, 3 << 20), (4096, 6, 50 << 20),
+                                           (65536, 4, 64 << 20), (65536, 4, 100352)])
+def test_planned_prealloc_layout_is_self_consistent(mode, cs, order, size):
+    opts = CreateOptions.from_dict({"size": size, "cluster_size": cs,
+                                    "refcount_bits": 1 << order, "preallocation": mode})
+    plan = plan_create(opts)
+    image = _simulated_refcounts(plan)
+    hdr = decode_cluster0(image[:cs])[0]
+    total = plan.file_size // cs
+    refs = [0] * total
+    refs[0] += 1
+    rt = hdr.refcount_table_offset // cs
+    for c in range(rt, rt + hdr.refcount_table_clusters):
+        refs[c] += 1
+    entries = struct.unpack(">%dQ" % (hdr.refcount_table_clusters * cs // 8),
+                            image[hdr.refcount_table_offset:
+                                  hdr.refcount_table_offset + hdr.refcount_table_clusters * cs])
+    per_block = cs * 8 >> order
+    counts = {}
+    for i, e in enumerate(entries):
+        if e:
+            refs[e // cs] += 1
+            block = image[e:e + cs]
+            for j in range(per_block):
+                if i * per_block + j < total:
+                    counts[i * per_block + j] = get_refcount(block, j, order)
+    l1 = struct.unpack(">%dQ" % hdr.l1_size, image[hdr.l1_table_offset:
+                                                  hdr.l1_table_offset + 8 * hdr.l1_size])
+    for c in range(hdr.l1_table_offset // cs, -(-(hdr.l1_table_offset + 8 * hdr.l1_size) // cs)):
+        refs[c] += 1
+    guest = -(-size // cs)
+    seen = 0
+    for e in l1:
+        assert e & C.OFLAG_COPIED
+        off = e & C.L1E_OFFSET_MASK
+        refs[off // cs] += 1
+        table = struct.unpack(">%dQ" % (cs // 8), image[off:off + cs])
+        for v in table:
+            if seen < guest and v:
+                assert v & C.OFLAG_COPIED and not v & C.OFLAG_ZERO
+                refs[(v & C.L2E_OFFSET_MASK) // cs] += 1
+                seen += 1
+    assert seen == guest
+    assert all(r == 1 for r in refs), "every cluster referenced exactly once"
+    assert all(counts.get(c) == 1 for c in range(total)), "every refcount is 1"
+    assert plan.data_length == guest * cs
+
+
+def test_planner_does_no_io(monkeypatch):
+    import builtins
+    import os
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the planner must not do I/O")
+
+    monkeypatch.setattr(builtins, "open", forbidden)
+    monkeypatch.setattr(os, "open", forbidden)
+    monkeypatch.setattr(os, "stat", forbidden)
+    for mode in C.PREALLOC_MODES:
+        plan = plan_create(CreateOptions.from_dict({"size": "8T", "preallocation": mode}))
+        assert plan.file_size > 0
+
+
+def test_allocator_model_matches_known_qemu_layouts():
+    # 1 GiB at 512-byte clusters: L1 of 512 clusters at 3..514, refblocks appended at 515, 516.
+    model = QemuCreateModel(512, 4).create(32768 * 8)
+    assert model.l1_offset == 3 * 512
+    assert sorted(model.refblocks.values()) == [2, 515, 516]
+    assert model.file_size == 517 * 512
+    # 64 MiB at 64 KiB clusters: 3 clusters plus an 8-byte L1.
+    small = QemuCreateModel(65536, 4).create(8)
+    assert small.file_size == 196616
+
+
+def test_metadata_8t_plan_is_closed_form_and_small_in_memory():
+    plan = plan_create(CreateOptions.from_dict({"size": "8T", "preallocation": "metadata"}))
+    assert plan.data_length == 8 << 40
+    l2 = [r for r in plan.regions if r.name == "L2 tables"][0]
+    assert l2.length == (8 << 40) // 65536 * 8
