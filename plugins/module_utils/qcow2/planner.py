@@ -19,7 +19,7 @@ from . import constants as C
 from .allocator import QemuCreateModel, div_round_up, refcount_metadata_size
 from .errors import Qcow2Error
 from .header import Header, encode_cluster0, standard_extensions
-from .tables import ones_refblocks, padded, progression, zeros
+from .tables import padded, progression, refcount_runs, zeros
 
 
 class Region(object):
@@ -182,11 +182,21 @@ def _plan_prealloc(plan, opts):
     external = bool(opts.data_file)
     data_clusters = 0 if external else cluster_count
     counted = 1 + l1_clusters + n_l2 + data_clusters
-    blocks, table = refcount_metadata_size(counted, cs, opts.refcount_order, False)
+    # With clusters smaller than a filesystem block, start the data on a 4 KiB boundary so no
+    # block holds both metadata and (hole) data clusters; the gap clusters stay free.
+    align = max(1, 4096 // cs)
+    gap = 0
+    while True:
+        blocks, table = refcount_metadata_size(counted + gap, cs, opts.refcount_order, False)
+        data_at = 1 + table + blocks + l1_clusters + n_l2
+        new_gap = (-data_at) % align if data_clusters else 0
+        if new_gap == gap:
+            break
+        gap = new_gap
     if table * cs > C.MAX_REFTABLE_BYTES:
         raise Qcow2Error("size: the refcount table for this image would exceed 8 MiB; use a "
                          "larger cluster_size", option="size")
-    total = counted + blocks + table
+    total = counted + gap + blocks + table
     if total * cs >= C.MAX_HOST_OFFSET:
         raise Qcow2Error("size: a preallocated image this large would exceed the qcow2 host "
                          "offset limit", option="size")
@@ -195,7 +205,7 @@ def _plan_prealloc(plan, opts):
     refblocks_at = reftable_at + table
     l1_at = refblocks_at + blocks
     l2_at = l1_at + l1_clusters
-    data_at = l2_at + n_l2
+    data_at = l2_at + n_l2 + gap
     end = data_at + data_clusters
 
     hdr = _base_header(opts)
@@ -212,7 +222,7 @@ def _plan_prealloc(plan, opts):
         lambda: padded(progression(refblocks_at * cs, cs, blocks), table * cs)))
     plan.regions.append(Region(
         "refcount blocks", refblocks_at * cs, blocks * cs,
-        lambda: ones_refblocks(total, order, blocks * cs)))
+        lambda: refcount_runs(((0, data_at - gap), (data_at, end)), order, blocks * cs)))
     if n_l1:
         plan.regions.append(Region(
             "L1 table", l1_at * cs, l1_clusters * cs,

@@ -58,41 +58,83 @@ def progression(first, step, count, entry_size=8, tail=0, chunk_bytes=CHUNK_BYTE
 
 def ones_refblocks(count, refcount_order, total_bytes, chunk_bytes=CHUNK_BYTES):
     """Yield `total_bytes` of refcount block content: `count` refcounts of 1, then zeros."""
-    bits = 1 << refcount_order
-    if bits >= 8:
-        width = bits // 8
-        one = b"\0" * (width - 1) + b"\1"
-        full_bytes = count * width
-        partial = b""
-    else:
-        per_byte = 8 // bits
-        field_one = 1
-        full_byte = 0
-        for i in range(per_byte):
-            full_byte |= field_one << (i * bits)
-        one = bytes([full_byte])
-        full_bytes = count // per_byte
-        rest = count % per_byte
-        partial_value = 0
-        for i in range(rest):
-            partial_value |= 1 << (i * bits)
-        partial = bytes([partial_value]) if rest else b""
-    block = one * max(1, chunk_bytes // len(one))
-    left = full_bytes
-    while left > 0:
-        piece = block[:min(left, len(block))]
+    return refcount_runs(((0, count),), refcount_order, total_bytes, chunk_bytes)
+
+
+def refcount_runs(runs, refcount_order, total_bytes, chunk_bytes=CHUNK_BYTES):
+    """Yield `total_bytes` of refcount blocks: refcount 1 for the clusters inside each
+    (start, end) run (sorted, disjoint), 0 for every other cluster."""
+    writer = _RefcountStream(refcount_order, chunk_bytes)
+    pos = 0
+    for start, end in runs:
+        if end <= start:
+            continue
+        for piece in writer.emit(0, start - pos):
+            yield piece
+        for piece in writer.emit(1, end - start):
+            yield piece
+        pos = end
+    emitted = writer.emitted
+    for piece in writer.flush():
+        emitted += len(piece)
         yield piece
-        left -= len(piece)
-    written = full_bytes
-    if partial:
-        yield partial
-        written += 1
-    zeros = total_bytes - written
-    zero_chunk = bytes(min(zeros, chunk_bytes)) if zeros > 0 else b""
-    while zeros > 0:
-        piece = zero_chunk[:min(zeros, len(zero_chunk))]
+    for piece in zeros(total_bytes - emitted, chunk_bytes):
         yield piece
-        zeros -= len(piece)
+
+
+class _RefcountStream(object):
+    """Packs a stream of runs of equal refcounts (0 or 1) into bytes, any width."""
+
+    def __init__(self, order, chunk_bytes):
+        self.bits = 1 << order
+        self.per_byte = max(1, 8 // self.bits)
+        self.width = max(1, self.bits // 8)
+        self.chunk = chunk_bytes
+        self.cur = 0
+        self.cur_n = 0
+        self.emitted = 0
+        full = 0
+        for i in range(self.per_byte):
+            full |= 1 << (i * self.bits)
+        self.one = bytes([full]) if self.bits < 8 else b"\0" * (self.width - 1) + b"\1"
+
+    def emit(self, value, count):
+        if count <= 0:
+            return
+        if self.bits >= 8:
+            unit = self.one if value else b"\0" * self.width
+            for piece in self._repeat(unit, count):
+                yield piece
+            return
+        while count and self.cur_n:
+            self.cur |= value << (self.cur_n * self.bits)
+            self.cur_n += 1
+            count -= 1
+            if self.cur_n == self.per_byte:
+                self.emitted += 1
+                yield bytes([self.cur])
+                self.cur = self.cur_n = 0
+        whole = count // self.per_byte
+        for piece in self._repeat(self.one if value else b"\0", whole):
+            yield piece
+        for i in range(count - whole * self.per_byte):
+            self.cur |= value << (i * self.bits)
+            self.cur_n += 1
+
+    def _repeat(self, unit, count):
+        block = unit * max(1, min(count, self.chunk // len(unit)))
+        per = len(block) // len(unit)
+        while count > 0:
+            n = min(count, per)
+            piece = block if n == per else block[:n * len(unit)]
+            self.emitted += len(piece)
+            yield piece
+            count -= n
+
+    def flush(self):
+        if self.cur_n:
+            yield bytes([self.cur])
+            self.cur = self.cur_n = 0
 
 
 def zeros(total_bytes, chunk_bytes=CHUNK_BYTES):
