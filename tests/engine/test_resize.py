@@ -112,7 +112,9 @@ def test_grow_relocates_a_full_l1_table(tmp_path):
 
 def test_grow_image_with_external_data_file(tmp_path):
     path = tmp_path / "d.qcow2"
-    api.create(str(path), {"size": "16M", "data_file": "d.raw", "preallocation": "metadata"})
+    # QEMU opens a relative data file name against its working directory: use an absolute one.
+    api.create(str(path), {"size": "16M", "data_file": str(tmp_path / "d.raw"),
+                           "preallocation": "metadata"})
     _write(path, 0x11, 0, 4096)
     api.grow(str(path), 48 * MiB, "metadata")
     assert (tmp_path / "d.raw").stat().st_size == 48 * MiB

@@ -82,6 +82,11 @@ def create(path, values, replace=False, mode=0o644, check_backing=True):
         if not os.path.exists(backing):
             raise Qcow2Error("backing_file: %s does not exist" % backing, option="backing_file")
     device = is_block_device(path)
+    if replace and os.path.lexists(path):
+        from . import lock
+        if _in_use(lock, path):
+            raise Qcow2Error("%s: the image is in use by a running QEMU; it is not replaced"
+                             % path, path=path)
     plan = plan_create(opts, zero_flag=device)
     if device:
         if not replace:
@@ -126,3 +131,113 @@ def raise_preallocation(path, current, target):
         step = resize.raise_allocation(path, target)
         result["steps"].append(dict(step, action="allocate data clusters (%s)" % target))
     return result
+
+
+def observe(path, with_check=False):
+    """Read-only description of what is at `path` for the reconciler (None when absent).
+
+    Never writes and takes no lock, so it works on images a running VM holds.
+    """
+    from . import inspector
+    from . import lock
+    if not os.path.lexists(path):
+        return None
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise Qcow2Error("%s: cannot inspect: %s" % (path, exc.strerror), path=path)
+    if stat.S_ISDIR(st.st_mode):
+        raise Qcow2Error("%s: is a directory" % path, path=path)
+    try:
+        image = inspector.Image.open(path)
+    except Qcow2Error as exc:
+        return {"qcow2": False, "reason": str(exc), "format": "unknown",
+                "in_use": _in_use(lock, path)}
+    try:
+        info = inspector.info(path, image=image)
+        state = inspector.allocation_state(path, image=image)
+        data = info["format-specific"]["data"]
+        hdr = image.header
+        out = {
+            "qcow2": True,
+            "format": "qcow2",
+            "virtual_size": info["virtual-size"],
+            "cluster_size": info["cluster-size"],
+            "compat": data["compat"],
+            "refcount_bits": data["refcount-bits"],
+            "lazy_refcounts": bool(data.get("lazy-refcounts", False)),
+            "extended_l2": bool(data.get("extended-l2", False)),
+            "compression_type": data.get("compression-type", "zlib"),
+            "backing_file": info.get("backing-filename"),
+            "backing_fmt": info.get("backing-filename-format"),
+            "data_file": data.get("data-file"),
+            "data_file_raw": bool(data.get("data-file-raw", False)),
+            "dirty": bool(info.get("dirty-flag")),
+            "corrupt": bool(data.get("corrupt", False)),
+            "encrypted": bool(hdr.crypt_method),
+            "preallocation": state["preallocation"],
+            "guest_data": bool(state["guest_data"]),
+            "actual_size": info.get("actual-size", 0),
+            "allocated_clusters": state.get("mapped_clusters", 0),
+            "allocation_method": state.get("method"),
+            "in_use": _in_use(lock, path),
+        }
+        if with_check:
+            result = inspector.check(path, image=image)
+            out["check"] = {
+                "check_errors": result.get("check-errors", 0),
+                "corruptions": result.get("corruptions", 0),
+                "leaks": result.get("leaks", 0),
+                "image_end_offset": result.get("image-end-offset", 0),
+                "allocated_clusters": result.get("allocated-clusters", 0),
+                "messages": result.get("messages", []),
+            }
+        return out
+    finally:
+        close = getattr(image, "close", None)
+        if close:
+            close()
+
+
+def _in_use(lock, path):
+    try:
+        return bool(lock.probe(path)["in_use"])
+    except (Qcow2Error, OSError):
+        return False
+
+
+def apply(path, decision, mode=0o644):
+    """Carry out a reconciler decision's actions in order; returns per-action results."""
+    results = []
+    for action in decision.actions:
+        if action.kind in ("create", "recreate"):
+            results.append(create(path, action.args["values"], replace=action.kind == "recreate",
+                                  mode=mode))
+        elif action.kind == "remove":
+            _remove_unheld(path)
+            results.append({"removed": path})
+        elif action.kind == "grow":
+            results.append(grow(path, action.args["size"], action.args["mode"]))
+        elif action.kind == "raise_preallocation":
+            results.append(raise_preallocation(path, action.args["current"],
+                                               action.args["target"]))
+        elif action.kind == "upgrade_compat":
+            from .amend import upgrade_compat
+            results.append({"changed": upgrade_compat(path)})
+        elif action.kind == "lazy_refcounts":
+            from .amend import set_lazy_refcounts
+            results.append({"changed": set_lazy_refcounts(path, action.args["enabled"])})
+        else:
+            raise Qcow2Error("internal error: unknown action %s" % action.kind)
+    return results
+
+
+def _remove_unheld(path):
+    """Remove an image unless a QEMU holds it (checked while we hold its lock)."""
+    from .lock import WriteLock
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        with WriteLock(fd):
+            os.unlink(path)
+    finally:
+        os.close(fd)

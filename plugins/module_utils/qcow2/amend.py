@@ -1,0 +1,80 @@
+# Copyright (c) 2026 vdisk.qcow2 developers
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""Header-only changes in place: compat 0.10 -> 1.1 and lazy refcounts on/off.
+
+Both rewrite cluster 0 alone (one write, then fsync), as QEMU does for amend; no table moves.
+The image is held with QEMU's write locks meanwhile.
+"""
+
+import os
+
+from . import constants as C
+from .errors import Qcow2Error
+from .header import decode_cluster0, encode_cluster0, feature_table_extension
+
+# QEMU's order of extensions in cluster 0; unknown types go after the known ones.
+_ORDER = {C.EXT_BACKING_FORMAT: 0, C.EXT_DATA_FILE: 1, C.EXT_CRYPTO: 2,
+          C.EXT_FEATURE_TABLE: 3, C.EXT_BITMAPS: 4}
+
+
+def _rewrite(path, change):
+    from .lock import WriteLock
+    try:
+        fd = os.open(path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise Qcow2Error("%s: cannot open the image for writing: %s" % (path, exc.strerror),
+                         path=path)
+    try:
+        with WriteLock(fd):
+            head = os.pread(fd, 2 * 1024 * 1024, 0)
+            hdr, exts, backing = decode_cluster0(head)
+            if hdr.incompatible_features & (C.INCOMPAT_DIRTY | C.INCOMPAT_CORRUPT):
+                raise Qcow2Error("%s: the image is marked dirty or corrupt; run "
+                                 "'qemu-img check -r all' before changing it" % path, path=path)
+            if hdr.incompatible_features & ~C.INCOMPAT_MASK:
+                raise Qcow2Error("%s: unknown incompatible features; refusing to modify" % path,
+                                 path=path)
+            changed = change(hdr, exts)
+            if not changed:
+                return False
+            exts.sort(key=lambda e: _ORDER.get(e.type, 5))
+            cluster = encode_cluster0(hdr, exts, backing)
+            os.pwrite(fd, cluster, 0)
+            os.fsync(fd)
+            return True
+    finally:
+        os.close(fd)
+
+
+def upgrade_compat(path):
+    """Raise a compat 0.10 (version 2) image to compat 1.1 (version 3)."""
+    def change(hdr, exts):
+        if hdr.version == 3:
+            return False
+        hdr.version = 3
+        hdr.header_length = C.V3_HEADER_LENGTH
+        hdr.incompatible_features = hdr.compatible_features = hdr.autoclear_features = 0
+        hdr.refcount_order = 4
+        hdr.compression_type = 0
+        if hdr.cluster_size > 4096 and not any(e.type == C.EXT_FEATURE_TABLE for e in exts):
+            exts.append(feature_table_extension())
+        return True
+    return _rewrite(path, change)
+
+
+def set_lazy_refcounts(path, enabled):
+    """Turn the lazy refcounts compatible feature on or off (compat 1.1 only)."""
+    def change(hdr, exts):
+        if hdr.version < 3:
+            raise Qcow2Error("lazy_refcounts: lazy refcounts require compat 1.1",
+                             option="lazy_refcounts", path=path)
+        current = bool(hdr.compatible_features & C.COMPAT_LAZY_REFCOUNTS)
+        if current == bool(enabled):
+            return False
+        if enabled:
+            hdr.compatible_features |= C.COMPAT_LAZY_REFCOUNTS
+        else:
+            hdr.compatible_features &= ~C.COMPAT_LAZY_REFCOUNTS
+        return True
+    return _rewrite(path, change)

@@ -1,0 +1,237 @@
+# Copyright (c) 2026 vdisk.qcow2 developers
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""The reconciler: a declaration and an observed image in, a decision out. No I/O.
+
+`observe()` (I/O, read-only) describes what is at a path; `decide()` compares it with the
+declaration and returns the actions to take, the conflicts that need `force`, and the
+before/after views for diff mode. Options left out of the declaration are not compared
+(they only matter when an image is created).
+"""
+
+from . import constants as C
+from .errors import Qcow2Error
+from .options import CreateOptions, parse_bool, parse_compat, parse_size, compat_name
+
+# Image properties the declaration may pin, in the order reports list them.
+COMPARED = ("cluster_size", "compat", "refcount_bits", "lazy_refcounts", "extended_l2",
+            "compression_type", "backing_file", "backing_fmt", "data_file", "data_file_raw")
+
+
+class Action(object):
+    """One step: `kind` is machine-readable, `text` is what the user reads."""
+
+    __slots__ = ("kind", "text", "args")
+
+    def __init__(self, kind, text, **args):
+        self.kind = kind
+        self.text = text
+        self.args = args
+
+    def __repr__(self):
+        return "Action(%s, %r)" % (self.kind, self.args)
+
+
+class Decision(object):
+    def __init__(self):
+        self.actions = []
+        self.conflicts = []
+        self.failure = None        # a reason that not even force overrides
+        self.before = {}
+        self.after = {}
+
+    @property
+    def changed(self):
+        return bool(self.actions)
+
+    def texts(self):
+        return [a.text for a in self.actions]
+
+
+def normalise(declared):
+    """Parse the user's values into comparable ones; None means 'not declared'."""
+    out = {}
+    if declared.get("size") is not None:
+        out["size"] = (parse_size(declared["size"], "size") + 511) // 512 * 512
+    if declared.get("cluster_size") is not None:
+        out["cluster_size"] = parse_size(declared["cluster_size"], "cluster_size")
+    if declared.get("compat") is not None:
+        out["compat"] = compat_name(parse_compat(declared["compat"]))
+    if declared.get("refcount_bits") is not None:
+        out["refcount_bits"] = int(declared["refcount_bits"])
+    for flag in ("lazy_refcounts", "extended_l2", "data_file_raw", "nocow"):
+        if declared.get(flag) is not None:
+            out[flag] = parse_bool(declared[flag], flag)
+    for name in ("compression_type", "backing_file", "backing_fmt", "data_file"):
+        if declared.get(name) is not None:
+            out[name] = str(declared[name])
+    out["preallocation"] = declared.get("preallocation") or "off"
+    if out["preallocation"] not in C.PREALLOC_MODES:
+        raise Qcow2Error("preallocation: %r is not one of off, metadata, falloc, full"
+                         % out["preallocation"], option="preallocation")
+    return out
+
+
+def creation_values(declared):
+    """The option dict for a new image (defaults fill what was left out)."""
+    keys = ("size", "cluster_size", "compat", "refcount_bits", "lazy_refcounts", "extended_l2",
+            "compression_type", "preallocation", "backing_file", "backing_fmt", "data_file",
+            "data_file_raw", "nocow")
+    return dict((k, declared[k]) for k in keys if declared.get(k) is not None)
+
+
+def image_view(image):
+    """The before/after shape of an observed image (None when absent)."""
+    if image is None:
+        return {"state": "absent"}
+    if not image.get("qcow2"):
+        return {"state": "present", "format": image.get("format", "unknown")}
+    view = {"state": "present", "format": "qcow2", "size": image["virtual_size"],
+            "preallocation": image["preallocation"]}
+    for key in COMPARED:
+        view[key] = image.get(key)
+    return view
+
+
+def decide(declared, image, state="present", force=False):
+    """Compare a declaration with an observed image.
+
+    `image` is None when nothing exists at the path, else a dict from observe() with at least
+    `qcow2` (bool) and, for qcow2 images, the COMPARED keys, `virtual_size`,
+    `preallocation`, `guest_data`, `in_use`, `dirty`, `corrupt`, `encrypted`.
+    """
+    d = Decision()
+    d.before = image_view(image)
+    if state == "absent":
+        d.after = {"state": "absent"}
+        if image is not None:
+            if image.get("in_use"):
+                d.failure = "the image is in use by a running QEMU; it is not removed"
+            else:
+                d.actions.append(Action("remove", "remove the image"))
+        return d
+
+    want = normalise(declared)
+    if image is None:
+        if want.get("size") is None and not want.get("backing_file"):
+            d.failure = "size is required to create the image"
+        d.actions.append(Action("create", "create the image (%s)" % _summary(want),
+                                values=creation_values(declared)))
+        d.after = _after_create(want)
+        return d
+
+    if not image.get("qcow2"):
+        d.conflicts.append("the file at path is not a qcow2 image (%s); it is left alone"
+                           % image.get("reason", "unknown format"))
+    else:
+        _compare(d, want, image)
+    if d.conflicts:
+        if image.get("in_use"):
+            d.failure = "the image is in use by a running QEMU and the declaration needs it " \
+                        "recreated: " + "; ".join(d.conflicts)
+            d.actions = []
+            return d
+        if not force:
+            d.after = d.before
+            d.actions = []
+            return d
+        d.actions = [Action("recreate", "recreate the image from the declaration, destroying "
+                            "its content (force): " + "; ".join(d.conflicts),
+                            values=creation_values(declared))]
+        d.after = _after_create(want)
+        return d
+    if d.actions and image.get("in_use"):
+        d.failure = "the image is in use by a running QEMU; it is not modified (wanted: %s)" \
+                    % "; ".join(d.texts())
+        d.actions = []
+    return d
+
+
+def _summary(want):
+    parts = []
+    if want.get("size") is not None:
+        parts.append("size %d" % want["size"])
+    parts.append("preallocation %s" % want["preallocation"])
+    for key in COMPARED:
+        if want.get(key) is not None:
+            parts.append("%s %s" % (key, want[key]))
+    return ", ".join(parts)
+
+
+def _after_create(want):
+    opts = CreateOptions.from_dict(dict((k, v) for k, v in want.items()
+                                        if k in CreateOptions.KEYS and k != "nocow"),
+                                   size_from_backing=0) if want.get("size") is not None \
+        else None
+    view = {"state": "present", "format": "qcow2", "size": want.get("size"),
+            "preallocation": want["preallocation"]}
+    for key in COMPARED:
+        view[key] = getattr(opts, key) if opts is not None and hasattr(opts, key) \
+            else want.get(key)
+    if opts is not None:
+        view["compat"] = opts.compat
+        view["preallocation"] = opts.effective_preallocation
+    return view
+
+
+def _compare(d, want, image):
+    after = dict(d.before)
+    if image.get("corrupt"):
+        d.conflicts.append("the image is marked corrupt")
+    if image.get("encrypted"):
+        d.conflicts.append("the image is encrypted, which this collection does not manage")
+    # Properties that cannot change without rewriting the image.
+    for key in ("cluster_size", "refcount_bits", "extended_l2", "compression_type",
+                "backing_file", "backing_fmt", "data_file", "data_file_raw"):
+        if key in want and want[key] != image.get(key):
+            d.conflicts.append("%s is %s, declared %s" % (key, _show(image.get(key)),
+                                                          _show(want[key])))
+    # compat: upgrade in place, never downgrade.
+    if "compat" in want and want["compat"] != image["compat"]:
+        if want["compat"] == "1.1":
+            d.actions.append(Action("upgrade_compat", "upgrade compat 0.10 to 1.1"))
+            after["compat"] = "1.1"
+        else:
+            d.conflicts.append("compat is 1.1, declared 0.10 (a downgrade)")
+    if "lazy_refcounts" in want and want["lazy_refcounts"] != image.get("lazy_refcounts"):
+        if image["compat"] == "0.10" and after.get("compat") != "1.1":
+            d.conflicts.append("lazy_refcounts needs compat 1.1 and the image is compat 0.10 "
+                               "(declare compat: '1.1' to upgrade it)")
+        else:
+            d.actions.append(Action("lazy_refcounts", "turn lazy refcounts %s"
+                                    % ("on" if want["lazy_refcounts"] else "off"),
+                                    enabled=want["lazy_refcounts"]))
+            after["lazy_refcounts"] = want["lazy_refcounts"]
+    size = want.get("size")
+    mode = want["preallocation"]
+    if size is not None and size < image["virtual_size"]:
+        d.conflicts.append("size is %d, declared %d (shrinking would discard data)"
+                           % (image["virtual_size"], size))
+    current = image["preallocation"]
+    if C.prealloc_rank(mode) > C.prealloc_rank(current):
+        if image.get("data_file"):
+            d.conflicts.append("preallocation is %s, declared %s, and the image has an external "
+                               "data file (its allocation is not raised in place)"
+                               % (current, mode))
+        elif current == "off" and image.get("guest_data"):
+            d.conflicts.append("preallocation is off, declared %s, and the image already holds "
+                               "guest data" % mode)
+        else:
+            d.actions.append(Action("raise_preallocation", "raise preallocation from %s to %s"
+                                    % (current, mode), current=current, target=mode))
+            after["preallocation"] = mode
+    if size is not None and size > image["virtual_size"]:
+        grow_mode = max(mode, current, key=C.prealloc_rank)
+        d.actions.append(Action("grow", "grow the virtual size from %d to %d (new range: %s)"
+                                % (image["virtual_size"], size, grow_mode),
+                                size=size, mode=grow_mode))
+        after["size"] = size
+    d.after = after
+
+
+def _show(value):
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)
