@@ -241,3 +241,25 @@ def _remove_unheld(path):
             os.unlink(path)
     finally:
         os.close(fd)
+
+
+IMAGE_KEYS = ("format", "virtual_size", "cluster_size", "compat", "refcount_bits",
+              "lazy_refcounts", "extended_l2", "compression_type", "backing_file", "backing_fmt",
+              "data_file", "data_file_raw", "dirty", "corrupt", "encrypted", "preallocation",
+              "actual_size", "allocated_clusters", "in_use")
+
+
+def public_view(observed):
+    """The `image` dict the modules return, from observe()'s result (None when absent)."""
+    if observed is None:
+        return {}
+    if not observed.get("qcow2"):
+        return {"format": observed.get("format", "unknown"), "error": observed.get("reason"),
+                "in_use": observed.get("in_use", False)}
+    view = dict((k, observed.get(k)) for k in IMAGE_KEYS)
+    view["guest_data"] = observed.get("guest_data")
+    view["allocation_method"] = observed.get("allocation_method")
+    if "check" in observed:
+        view["check"] = dict((k, v) for k, v in observed["check"].items() if k != "messages")
+        view["check"]["messages"] = observed["check"].get("messages", [])[:20]
+    return view

@@ -1,0 +1,207 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright (c) 2026 vdisk.qcow2 developers
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+
+from __future__ import absolute_import, division, print_function
+__metaclass__ = type
+
+DOCUMENTATION = r"""
+---
+module: image_info
+short_description: Inspect a qcow2 image without qemu-img and without taking a lock
+version_added: 0.1.0
+description:
+  - Reads the header, tables and allocation state of the qcow2 image at O(path) and returns
+    them, including the preallocation level the image actually satisfies (judged from its
+    tables and from the filesystem) and whether a running QEMU holds it.
+  - Never writes and takes no lock, so it works on images a running VM holds open.
+  - A file that is not a qcow2 image, or a damaged one, gives a result that says so
+    (RV(image.error)) rather than a failure.
+author:
+  - vdisk.qcow2 developers
+options:
+  path:
+    description:
+      - Path of the image on the managed node.
+    type: path
+    required: true
+  check:
+    description:
+      - Also run the full consistency check (like C(qemu-img check)) and return RV(image.check).
+    type: bool
+    default: false
+extends_documentation_fragment:
+  - ansible.builtin.action_common_attributes
+  - ansible.builtin.action_common_attributes.info_module
+attributes:
+  platform:
+    platforms: posix
+notes:
+  - Backing files and external data files are never opened.
+seealso:
+  - module: vdisk.qcow2.image
+"""
+
+EXAMPLES = r"""
+- name: Read an image's properties
+  vdisk.qcow2.image_info:
+    path: /var/lib/images/web01.qcow2
+  register: web01
+
+- name: Show the preallocation the image really has
+  ansible.builtin.debug:
+    msg: "{{ web01.image.preallocation }} ({{ web01.image.virtual_size | human_readable }})"
+
+- name: Check consistency like qemu-img check
+  vdisk.qcow2.image_info:
+    path: /var/lib/images/web01.qcow2
+    check: true
+  register: checked
+  failed_when: checked.image.check.corruptions > 0
+"""
+
+RETURN = r"""
+exists:
+  description: Whether a file exists at O(path).
+  returned: always
+  type: bool
+  sample: true
+image:
+  description:
+    - What the image is. Empty when nothing exists at O(path).
+  returned: always
+  type: dict
+  contains:
+    format:
+      description: C(qcow2), or C(unknown) for a file that is not a valid qcow2 image.
+      type: str
+      sample: qcow2
+    error:
+      description: Why the file is not a valid qcow2 image.
+      type: str
+      returned: when RV(image.format) is C(unknown)
+    virtual_size:
+      description: Virtual size in bytes.
+      type: int
+      sample: 21474836480
+    cluster_size:
+      description: Cluster size in bytes.
+      type: int
+      sample: 65536
+    compat:
+      description: Compatibility level, C(0.10) or C(1.1).
+      type: str
+      sample: "1.1"
+    refcount_bits:
+      description: Width of a reference count.
+      type: int
+      sample: 16
+    lazy_refcounts:
+      description: Whether lazy refcounts are on.
+      type: bool
+    extended_l2:
+      description: Whether L2 entries have subcluster bitmaps.
+      type: bool
+    compression_type:
+      description: C(zlib) or C(zstd).
+      type: str
+    backing_file:
+      description: The backing file name recorded in the image, or null.
+      type: str
+    backing_fmt:
+      description: The backing file format recorded in the image, or null.
+      type: str
+    data_file:
+      description: The external data file name recorded in the image, or null.
+      type: str
+    data_file_raw:
+      description: Whether the external data file is a raw image by itself.
+      type: bool
+    dirty:
+      description: Whether the dirty bit is set (refcounts need repair).
+      type: bool
+    corrupt:
+      description: Whether QEMU marked the image corrupt.
+      type: bool
+    encrypted:
+      description: Whether the image is encrypted.
+      type: bool
+    preallocation:
+      description:
+        - The highest preallocation level the image satisfies, from its tables and the
+          filesystem (C(off) < C(metadata) < C(falloc) < C(full)).
+      type: str
+      sample: metadata
+    actual_size:
+      description: Bytes the file occupies on disk.
+      type: int
+    allocated_clusters:
+      description: Guest clusters mapped to host clusters.
+      type: int
+    in_use:
+      description: Whether a QEMU process holds the image open for writing (its lock bytes).
+      type: bool
+    guest_data:
+      description: Whether any mapped cluster holds written data.
+      type: bool
+    allocation_method:
+      description: How the preallocation level was judged (C(fiemap), C(seek), C(st_blocks)).
+      type: str
+    check:
+      description:
+        - Consistency check like C(qemu-img check).
+      returned: when O(check=true) and the file is a qcow2 image
+      type: dict
+      contains:
+        check_errors:
+          description: Errors that stopped the check.
+          type: int
+        corruptions:
+          description: Corruptions found.
+          type: int
+        leaks:
+          description: Leaked clusters.
+          type: int
+        image_end_offset:
+          description: End of the last cluster in use.
+          type: int
+        allocated_clusters:
+          description: Allocated guest clusters, as qemu-img counts them.
+          type: int
+        messages:
+          description: The first problems found, one line each.
+          type: list
+          elements: str
+"""
+
+import traceback
+
+from ansible.module_utils.basic import AnsibleModule
+
+from ansible_collections.vdisk.qcow2.plugins.module_utils.qcow2 import api
+from ansible_collections.vdisk.qcow2.plugins.module_utils.qcow2.errors import Qcow2Error
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=dict(
+            path=dict(type="path", required=True),
+            check=dict(type="bool", default=False),
+        ),
+        supports_check_mode=True,
+    )
+    path = module.params["path"]
+    try:
+        observed = api.observe(path, with_check=module.params["check"])
+    except Qcow2Error as exc:
+        module.fail_json(msg=str(exc), exists=True, image={})
+    except OSError as exc:
+        module.fail_json(msg="%s: %s" % (path, exc), exception=traceback.format_exc())
+    module.exit_json(changed=False, exists=observed is not None,
+                     image=api.public_view(observed))
+
+
+if __name__ == "__main__":
+    main()
