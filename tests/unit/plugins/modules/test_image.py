@@ -1,0 +1,121 @@
+# Copyright (c) 2026 vdisk.qcow2 developers
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""Module logic of vdisk.qcow2.image and image_info, run in-process with patch_module_args."""
+
+from __future__ import absolute_import, division, print_function
+__metaclass__ = type
+
+import json
+import os
+
+import pytest
+
+from ansible.module_utils.testing import patch_module_args
+
+from ansible_collections.vdisk.qcow2.plugins.modules import image as image_module
+from ansible_collections.vdisk.qcow2.plugins.modules import image_info as info_module
+
+
+def run(module, capsys, **args):
+    with patch_module_args(args):
+        with pytest.raises(SystemExit):
+            module.main()
+    out = capsys.readouterr().out
+    return json.loads(out)
+
+
+def test_check_mode_predicts_and_creates_nothing(tmp_path, capsys):
+    path = str(tmp_path / "a.qcow2")
+    result = run(image_module, capsys, path=path, size="64M", _ansible_check_mode=True)
+    assert result["changed"] is True
+    assert result["actions"][0].startswith("create the image")
+    assert not os.path.exists(path)
+    assert os.listdir(str(tmp_path)) == []
+
+
+def test_create_then_unchanged(tmp_path, capsys):
+    path = str(tmp_path / "b.qcow2")
+    first = run(image_module, capsys, path=path, size="64M", preallocation="metadata")
+    assert first["changed"] is True
+    assert first["image"]["virtual_size"] == 64 << 20
+    assert first["image"]["preallocation"] == "metadata"
+    second = run(image_module, capsys, path=path, size=64 << 20, preallocation="metadata")
+    assert second["changed"] is False
+    assert second["actions"] == []
+    lower = run(image_module, capsys, path=path, size="64M", preallocation="off",
+                _ansible_check_mode=True)
+    assert lower["changed"] is False
+
+
+def test_conflict_fails_and_names_each_difference(tmp_path, capsys):
+    path = str(tmp_path / "c.qcow2")
+    run(image_module, capsys, path=path, size="64M")
+    before = open(path, "rb").read()
+    result = run(image_module, capsys, path=path, size="32M", cluster_size="2M")
+    assert result["failed"] is True
+    assert "force=true" in result["msg"]
+    assert any("cluster_size is 65536, declared 2097152" in c for c in result["conflicts"])
+    assert any("shrinking" in c for c in result["conflicts"])
+    assert open(path, "rb").read() == before
+
+
+def test_force_recreates(tmp_path, capsys):
+    path = str(tmp_path / "d.qcow2")
+    run(image_module, capsys, path=path, size="64M")
+    result = run(image_module, capsys, path=path, size="32M", cluster_size="2M", force=True)
+    assert result["changed"] is True
+    assert result["image"]["cluster_size"] == 2 << 20
+    assert result["image"]["virtual_size"] == 32 << 20
+
+
+def test_diff_shows_before_and_after(tmp_path, capsys):
+    path = str(tmp_path / "e.qcow2")
+    run(image_module, capsys, path=path, size="64M")
+    result = run(image_module, capsys, path=path, size="128M", _ansible_check_mode=True,
+                 _ansible_diff=True)
+    assert result["diff"]["before"]["size"] == 64 << 20
+    assert result["diff"]["after"]["size"] == 128 << 20
+
+
+def test_symlink_and_relative_data_file_refused(tmp_path, capsys):
+    target = tmp_path / "real.qcow2"
+    link = tmp_path / "link.qcow2"
+    link.symlink_to(target)
+    result = run(image_module, capsys, path=str(link), size="1M")
+    assert result["failed"] is True and "symbolic link" in result["msg"]
+    assert not target.exists()
+    result = run(image_module, capsys, path=str(tmp_path / "f.qcow2"), size="1M",
+                 data_file="relative.raw")
+    assert result["failed"] is True and "absolute" in result["msg"]
+
+
+def test_bad_size_is_named(tmp_path, capsys):
+    result = run(image_module, capsys, path=str(tmp_path / "g.qcow2"), size="12 parsecs")
+    assert result["failed"] is True
+    assert result["msg"].startswith("size:")
+    assert result["option"] == "size"
+
+
+def test_absent(tmp_path, capsys):
+    path = str(tmp_path / "h.qcow2")
+    run(image_module, capsys, path=path, size="1M")
+    result = run(image_module, capsys, path=path, state="absent")
+    assert result["changed"] is True and not os.path.exists(path)
+    result = run(image_module, capsys, path=path, state="absent")
+    assert result["changed"] is False
+
+
+def test_image_info(tmp_path, capsys):
+    missing = run(info_module, capsys, path=str(tmp_path / "none.qcow2"))
+    assert missing["exists"] is False and missing["image"] == {}
+    path = str(tmp_path / "i.qcow2")
+    run(image_module, capsys, path=path, size="16M", preallocation="falloc")
+    info = run(info_module, capsys, path=path, check=True)
+    assert info["changed"] is False
+    assert info["image"]["preallocation"] in ("falloc", "full")
+    assert info["image"]["check"]["corruptions"] == 0
+    junk = tmp_path / "junk"
+    junk.write_bytes(b"hello")
+    info = run(info_module, capsys, path=str(junk))
+    assert info["exists"] is True and info["image"]["format"] == "unknown"
