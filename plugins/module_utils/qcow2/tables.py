@@ -18,7 +18,7 @@ from .allocator import div_round_up
 CHUNK_BYTES = 8 * 1024 * 1024
 
 
-def progression(first, step, count, entry_size=8, tail=0, chunk_bytes=CHUNK_BYTES):
+def progression(first, step, count, entry_size=8, tail=0, chunk_bytes=64 * 1024):
     """Yield the big-endian bytes of `count` entries `first + k*step`, in chunks.
 
     With entry_size 16 each entry is followed by a 64-bit `tail` word (extended L2 bitmaps).
@@ -39,8 +39,8 @@ def progression(first, step, count, entry_size=8, tail=0, chunk_bytes=CHUNK_BYTE
         unit = (b"\0" * 7 + b"\1" + b"\0" * 8) * m
     else:
         raise ValueError("entry_size must be 8 or 16")
-    base_int = int.from_bytes(base, "big")
-    unit_int = int.from_bytes(unit, "big")
+    current = int.from_bytes(base, "big")
+    delta = int.from_bytes(unit, "big") * (m * step)
     done = 0
     chunk = 0
     while done < count:
@@ -48,7 +48,8 @@ def progression(first, step, count, entry_size=8, tail=0, chunk_bytes=CHUNK_BYTE
         if chunk == 0:
             data = base
         else:
-            data = (base_int + chunk * m * step * unit_int).to_bytes(m * entry_size, "big")
+            current += delta
+            data = current.to_bytes(m * entry_size, "big")
         if n < m:
             data = data[:n * entry_size]
         yield data
