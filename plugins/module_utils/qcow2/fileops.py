@@ -7,8 +7,6 @@ Only the standard library: `fallocate(2)` through ctypes (os.posix_fallocate wou
 to glibc's one-byte-per-block emulation on filesystems that refuse, which we never want).
 """
 
-import ctypes
-import ctypes.util
 import errno
 import os
 import stat
@@ -36,8 +34,14 @@ _libc = None
 def _get_libc():
     global _libc
     if _libc is None:
-        name = ctypes.util.find_library("c") or None
-        _libc = ctypes.CDLL(name, use_errno=True)
+        import ctypes  # late: only needed when allocating, and it is slow to import
+        # The running interpreter already links the C library: no library search (which
+        # would spawn ldconfig) is needed.
+        try:
+            _libc = ctypes.CDLL(None, use_errno=True)
+            _libc.fallocate  # noqa: B018 - probe the symbol
+        except (OSError, AttributeError):
+            _libc = ctypes.CDLL("libc.so.6", use_errno=True)
         func = getattr(_libc, "fallocate64", None) or _libc.fallocate
         func.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
         func.restype = ctypes.c_int
@@ -54,6 +58,7 @@ def fallocate(fd, offset, length, mode=0):
     except (OSError, AttributeError):
         raise OSError(errno.ENOSYS, "fallocate is not available on this system")
     if libc.vdisk_fallocate(fd, mode, offset, length) != 0:
+        import ctypes
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
 
