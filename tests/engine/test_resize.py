@@ -176,3 +176,33 @@ def test_modifying_an_image_qemu_holds_is_refused(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+@pytest.mark.parametrize("cs", [4096, 65536])
+def test_compat_upgrade_and_lazy_refcounts_in_place(tmp_path, cs):
+    from qcow2 import amend
+    path = tmp_path / "v2.qcow2"
+    api.create(str(path), {"size": "64M", "compat": "0.10", "cluster_size": cs,
+                           "backing_file": "base.qcow2", "backing_fmt": "qcow2"},
+               check_backing=False)
+    run(oracle.QEMU_IMG, "create", "-q", "-f", "qcow2", str(tmp_path / "base.qcow2"), "64M")
+    _write(path, 0x42, 0, 4096)
+    assert amend.upgrade_compat(str(path)) is True
+    assert amend.upgrade_compat(str(path)) is False
+    info = qemu_info(str(path))
+    assert info["format-specific"]["data"]["compat"] == "1.1"
+    assert info["backing-filename"] == "base.qcow2"
+    assert info["backing-filename-format"] == "qcow2"
+    assert amend.set_lazy_refcounts(str(path), True) is True
+    assert qemu_info(str(path))["format-specific"]["data"]["lazy-refcounts"] is True
+    assert amend.set_lazy_refcounts(str(path), False) is True
+    assert qemu_info(str(path))["format-specific"]["data"]["lazy-refcounts"] is False
+    assert_clean(str(path))
+    _verify(path, 0x42, 0, 4096)
+    # qemu-img's own amend gives the same header fields.
+    ref = tmp_path / "ref.qcow2"
+    qemu_create(str(ref), {"size": "64M", "compat": "0.10", "cluster_size": cs})
+    run(oracle.QEMU_IMG, "amend", "-o", "compat=1.1", str(ref))
+    mine = inspector.info(str(path))["format-specific"]
+    theirs = qemu_info(str(ref))["format-specific"]
+    assert mine == theirs

@@ -19,32 +19,26 @@ _ORDER = {C.EXT_BACKING_FORMAT: 0, C.EXT_DATA_FILE: 1, C.EXT_CRYPTO: 2,
 
 
 def _rewrite(path, change):
-    from .lock import WriteLock
+    from .resize import close_locked, open_locked
+    fd, lock = open_locked(path)
     try:
-        fd = os.open(path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
-    except OSError as exc:
-        raise Qcow2Error("%s: cannot open the image for writing: %s" % (path, exc.strerror),
-                         path=path)
-    try:
-        with WriteLock(fd):
-            head = os.pread(fd, 2 * 1024 * 1024, 0)
-            hdr, exts, backing = decode_cluster0(head)
-            if hdr.incompatible_features & (C.INCOMPAT_DIRTY | C.INCOMPAT_CORRUPT):
-                raise Qcow2Error("%s: the image is marked dirty or corrupt; run "
-                                 "'qemu-img check -r all' before changing it" % path, path=path)
-            if hdr.incompatible_features & ~C.INCOMPAT_MASK:
-                raise Qcow2Error("%s: unknown incompatible features; refusing to modify" % path,
-                                 path=path)
-            changed = change(hdr, exts)
-            if not changed:
-                return False
-            exts.sort(key=lambda e: _ORDER.get(e.type, 5))
-            cluster = encode_cluster0(hdr, exts, backing)
-            os.pwrite(fd, cluster, 0)
-            os.fsync(fd)
-            return True
+        head = os.pread(fd, 2 * 1024 * 1024, 0)
+        hdr, exts, backing = decode_cluster0(head)
+        if hdr.incompatible_features & (C.INCOMPAT_DIRTY | C.INCOMPAT_CORRUPT):
+            raise Qcow2Error("%s: the image is marked dirty or corrupt; run "
+                             "'qemu-img check -r all' before changing it" % path, path=path)
+        if hdr.incompatible_features & ~C.INCOMPAT_MASK:
+            raise Qcow2Error("%s: unknown incompatible features; refusing to modify" % path,
+                             path=path)
+        if not change(hdr, exts):
+            return False
+        exts.sort(key=lambda e: _ORDER.get(e.type, 5))
+        cluster = encode_cluster0(hdr, exts, backing)
+        os.pwrite(fd, cluster, 0)
+        os.fsync(fd)
+        return True
     finally:
-        os.close(fd)
+        close_locked(fd, lock)
 
 
 def upgrade_compat(path):

@@ -21,6 +21,7 @@ import stat
 import struct
 
 from . import constants as C
+from .refcounts import get_refcount
 from .errors import Qcow2Error
 from .header import decode_cluster0, find_extension
 
@@ -532,14 +533,7 @@ class _RefcountError(Exception):
     pass
 
 
-def _refcount_at(block, pos, order):
-    bits = 1 << order
-    if bits >= 8:
-        width = bits // 8
-        return int.from_bytes(block[pos * width:(pos + 1) * width], "big")
-    per_byte = 8 // bits
-    byte = block[pos // per_byte]
-    return (byte >> ((pos % per_byte) * bits)) & ((1 << bits) - 1)
+_refcount_at = get_refcount
 
 
 # Translation tables that spread sub-byte refcount fields into one byte each.

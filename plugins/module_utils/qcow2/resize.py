@@ -173,7 +173,8 @@ def _l1_entries(size, cs, entry_size):
     return div_round_up(div_round_up(size, cs), cs // entry_size)
 
 
-def _open_locked(path):
+def open_locked(path):
+    """Open an image read-write and hold QEMU's writer locks; refuse if a QEMU holds it."""
     from .lock import WriteLock  # imported late: lock.py is Linux-only at call time
     try:
         fd = os.open(path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
@@ -189,7 +190,7 @@ def _open_locked(path):
     return fd, lock
 
 
-def _close(fd, lock):
+def close_locked(fd, lock):
     try:
         lock.__exit__(None, None, None)
     finally:
@@ -201,7 +202,7 @@ def grow(path, new_size, mode="off", data_file_path=None):
 
     Returns a dict describing what was done. Shrinking is refused.
     """
-    fd, lock = _open_locked(path)
+    fd, lock = open_locked(path)
     try:
         ed = Editor(fd, path)
         old_size = ed.header.size
@@ -227,18 +228,18 @@ def grow(path, new_size, mode="off", data_file_path=None):
         result.update({"changed": True, "old_size": old_size, "new_size": new_size})
         return result
     finally:
-        _close(fd, lock)
+        close_locked(fd, lock)
 
 
 def fill(path, mode="metadata"):
     """Map every unmapped guest cluster of the image (off -> metadata/falloc/full)."""
-    fd, lock = _open_locked(path)
+    fd, lock = open_locked(path)
     try:
         ed = Editor(fd, path)
         clusters = div_round_up(ed.header.size, ed.cs)
         return _map_range(ed, 0, clusters, mode, ed.header.size)
     finally:
-        _close(fd, lock)
+        close_locked(fd, lock)
 
 
 def _grow_data_file(data_path, old_size, new_size, mode, result):
@@ -480,7 +481,7 @@ def raise_allocation(path, mode):
     if mode not in ("falloc", "full"):
         raise Qcow2Error("preallocation: can only raise to falloc or full in place",
                          option="preallocation")
-    fd, lock = _open_locked(path)
+    fd, lock = open_locked(path)
     try:
         ed = Editor(fd, path)
         if ed.external:
@@ -514,7 +515,7 @@ def raise_allocation(path, mode):
         return {"method": method, "runs": len(runs), "zero_bytes": zero_bytes,
                 "data_bytes": sum(n for _, n in runs)}
     finally:
-        _close(fd, lock)
+        close_locked(fd, lock)
 
 
 def _holes(fd, offset, length):
