@@ -32,7 +32,7 @@ description:
     renamed into place, so a failure leaves either no image or the complete one.
   - Everything runs in pure Python on the managed node; qemu-img is not needed there.
 author:
-  - vdisk.qcow2 developers
+  - vdisk.qcow2 developers (@vdisk-qcow2)
 options:
   path:
     description:
@@ -67,7 +67,7 @@ options:
         where the filesystem refuses, zeros are written and RV(actions) says so.
       - V(full) is metadata plus zeros really written (large buffers, then C(fdatasync)).
     type: str
-    choices: [off, metadata, falloc, full]
+    choices: ['off', metadata, falloc, full]
     default: 'off'
   cluster_size:
     description:
@@ -83,7 +83,7 @@ options:
     choices: ['0.10', '1.1', v2, v3]
   refcount_bits:
     description:
-      - Width of a reference count; widths other than 16 need compat 1.1. New images: 16.
+      - Width of a reference count; widths other than 16 need compat 1.1. New images get 16.
     type: int
     choices: [1, 2, 4, 8, 16, 32, 64]
   lazy_refcounts:
@@ -96,7 +96,7 @@ options:
     type: bool
   compression_type:
     description:
-      - Compression type recorded in the header (compat 1.1 for V(zstd)). New images: V(zlib).
+      - Compression type recorded in the header (compat 1.1 for V(zstd)). New images get V(zlib).
     type: str
     choices: [zlib, zstd]
   backing_file:

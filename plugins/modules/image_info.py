@@ -20,7 +20,7 @@ description:
   - A file that is not a qcow2 image, or a damaged one, gives a result that says so
     (RV(image.error)) rather than a failure.
 author:
-  - vdisk.qcow2 developers
+  - vdisk.qcow2 developers (@vdisk-qcow2)
 options:
   path:
     description:
@@ -34,8 +34,15 @@ options:
     default: false
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
-  - ansible.builtin.action_common_attributes.info_module
 attributes:
+  check_mode:
+    support: full
+    details:
+      - This module only reads; it behaves the same in check mode.
+  diff_mode:
+    support: N/A
+    details:
+      - This module never changes anything.
   platform:
     platforms: posix
 notes:

@@ -24,7 +24,7 @@ COUNTS = {"off byte-compared": 0, "modes checked by qemu-img": 0, "refusals comp
 
 def run(*args, **kwargs):
     return subprocess.run([str(a) for a in args], stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, universal_newlines=True, **kwargs)
+                          stderr=subprocess.PIPE, universal_newlines=True, check=False, **kwargs)
 
 
 def option_string(opts):

@@ -206,7 +206,7 @@ def test_guest_writes_into_our_images_read_back(tmp_path, mode, cs):
     checks = []
     for i, (offset, length, pattern) in enumerate(writes):
         later = writes[i + 1:]
-        if any(o < offset + length and offset < o + n for o, n, _ in later):
+        if any(o < offset + length and offset < o + n for o, n, _pattern in later):
             continue
         checks += ["-c", "read -P %d %d %d" % (pattern, offset, length)]
     proc = run(oracle.QEMU_IO, *(checks + [str(path)]))
@@ -247,7 +247,7 @@ REFUSALS = [
 ]
 
 
-@pytest.mark.parametrize("opts,option", REFUSALS, ids=[_case_id(o) for o, _ in REFUSALS])
+@pytest.mark.parametrize("opts,option", REFUSALS, ids=[_case_id(o) for o, _option in REFUSALS])
 def test_refusals_match_qemu_img(tmp_path, opts, option):
     run(oracle.QEMU_IMG, "create", "-q", "-f", "qcow2", str(tmp_path / "base.qcow2"), "1M")
     proc = qemu_create("ref.qcow2", opts, cwd=str(tmp_path))

@@ -7,8 +7,6 @@ import struct
 
 import pytest
 
-import oracle  # noqa: F401  (puts the engine on sys.path)
-
 from qcow2 import constants as C
 from qcow2.allocator import QemuCreateModel, pack_refcounts, refcount_metadata_size
 from qcow2.errors import Qcow2Error
@@ -186,8 +184,8 @@ def test_planned_prealloc_layout_is_self_consistent(mode, cs, order, size):
             for j in range(per_block):
                 if i * per_block + j < total:
                     counts[i * per_block + j] = get_refcount(block, j, order)
-    l1 = struct.unpack(">%dQ" % hdr.l1_size, image[hdr.l1_table_offset:
-                                                  hdr.l1_table_offset + 8 * hdr.l1_size])
+    l1_end = hdr.l1_table_offset + 8 * hdr.l1_size
+    l1 = struct.unpack(">%dQ" % hdr.l1_size, image[hdr.l1_table_offset:l1_end])
     for c in range(hdr.l1_table_offset // cs, -(-(hdr.l1_table_offset + 8 * hdr.l1_size) // cs)):
         refs[c] += 1
     guest = -(-size // cs)

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 # Copyright (c) 2026 vdisk.qcow2 developers
 # GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
 # SPDX-License-Identifier: GPL-3.0-or-later
@@ -37,7 +36,7 @@ def timed(cmd, sync_path=None):
     """Run cmd; returns (seconds, peak RSS in KiB of the child). Includes `sync FILE`."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
+    _pid, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status) if hasattr(os, "waitstatus_to_exitcode") \
         else status >> 8
     err = proc.stderr.read().decode(errors="replace")
@@ -79,20 +78,20 @@ def run_case(case, workdir, rounds):
     ours_t, ref_t, rss = [], [], []
     extra = {}
     if case.kind == "create":
-        for _ in range(rounds):
+        for _round in range(rounds):
             remove(ours, ref)
             a, b = create_cmds(case, ours, ref)
             t, r = timed(a, ours)
             ours_t.append(t)
             rss.append(r)
             remove(ours)
-            t, _ = timed(b, ref)
+            t, _rss = timed(b, ref)
             ref_t.append(t)
             remove(ref)
         if case.mode == "full":
             dd_t = []
             target = os.path.join(workdir, "dd.raw")
-            for _ in range(rounds):
+            for _round in range(rounds):
                 remove(target)
                 cmd = ["dd", "if=/dev/zero", "of=" + target, "bs=8M",
                        "count=%d" % (case.size // (8 << 20)), "conv=fsync", "status=none"]
@@ -105,7 +104,7 @@ def run_case(case, workdir, rounds):
         a, b = create_cmds(case, ours, ref)
         timed(a, ours)
         timed(b, ref)
-        for _ in range(rounds):
+        for _round in range(rounds):
             if case.kind == "check":
                 t, r = timed(TOOL + ["check", ours])
                 ours_t.append(t)
@@ -174,7 +173,7 @@ def e2e(workdir, rounds):
                ANSIBLE_CALLBACKS_ENABLED="ansible.builtin.junit",
                JUNIT_OUTPUT_DIR=os.path.join(workdir, "junit"), JUNIT_TASK_CLASS="true")
     creates, checks = [], []
-    for _ in range(rounds):
+    for _round in range(rounds):
         remove(image)
         shutil.rmtree(os.path.join(workdir, "junit"), ignore_errors=True)
         subprocess.run([venv, "-i", "localhost,", play], env=env, check=True,
@@ -215,9 +214,9 @@ def main():
             res["ours_median_s"], res["ref_median_s"], res["ratio"], res["ours_peak_rss_mib"]))
     e2e_res = None if args.no_e2e or only else e2e(args.dir, args.rounds)
     machine = {"nproc": os.cpu_count(), "python": sys.version.split()[0],
-               "qemu_img": subprocess.run([QEMU_IMG, "--version"], stdout=subprocess.PIPE,
+               "qemu_img": subprocess.run([QEMU_IMG, "--version"], stdout=subprocess.PIPE, check=True,
                                           universal_newlines=True).stdout.splitlines()[0],
-               "filesystem": subprocess.run(["df", "-T", args.dir], stdout=subprocess.PIPE,
+               "filesystem": subprocess.run(["df", "-T", args.dir], stdout=subprocess.PIPE, check=True,
                                             universal_newlines=True).stdout.splitlines()[-1],
                "kernel": os.uname().release}
     doc = {"when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine,
@@ -232,8 +231,8 @@ def main():
     for r in results:
         note = ""
         if "dd_bs8M_fsync_s" in r:
-            note = "dd bs=8M conv=fsync %.3f s (ours/dd %.2f)" % (r["dd_bs8M_fsync_s"],
-                                                                 r["ours_vs_dd"])
+            note = "dd bs=8M conv=fsync %.3f s (ours/dd %.2f)" % (
+                r["dd_bs8M_fsync_s"], r["ours_vs_dd"])
         if r["kind"] != "create":
             note = "against %s" % r["reference"]
         print("| %s | %.3f | %.3f | %.3f | %.0f | %s |" % (

@@ -182,7 +182,7 @@ class QemuCreateModel(object):
         return EAGAIN
 
     def refcount_area(self, start, new_index, new_block):
-        blocks, _ = refcount_metadata_size(start, self.cs, self.refcount_order, True)
+        blocks, _table = refcount_metadata_size(start, self.cs, self.refcount_order, True)
         total = blocks
         area_index = start // self.rb_entries
         table_size = total + div_round_up(total, 2)

@@ -108,7 +108,7 @@ def grow(path, size, mode="off"):
     data_path = None
     with open(path, "rb") as handle:
         head = handle.read(2 * 1024 * 1024)
-    hdr, exts, _ = decode_cluster0(head)
+    hdr, exts, _backing = decode_cluster0(head)
     if hdr.incompatible_features & C.INCOMPAT_DATA_FILE:
         for ext in exts:
             if ext.type == C.EXT_DATA_FILE:

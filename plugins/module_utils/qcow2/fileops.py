@@ -132,7 +132,8 @@ FIEMAP_EXTENT_DELALLOC = 0x4
 FIEMAP_EXTENT_UNWRITTEN = 0x800
 _FIEMAP_HEAD = struct.Struct("=QQIIII")
 _FIEMAP_EXTENT = struct.Struct("=QQQ16xI12x")
-assert _FIEMAP_HEAD.size == 32 and _FIEMAP_EXTENT.size == 56
+if _FIEMAP_HEAD.size != 32 or _FIEMAP_EXTENT.size != 56:  # pragma: no cover
+    raise ImportError("unexpected struct fiemap layout")
 
 
 def fiemap(fd, start, length, batch=512):

@@ -17,7 +17,8 @@ from .errors import Qcow2Error
 _V2 = struct.Struct(">IIQIIQIIQQIIQ")          # 72 bytes
 _V3_TAIL = struct.Struct(">QQQII")            # bytes 72..103
 _EXT = struct.Struct(">II")
-assert _V2.size == 72 and _V3_TAIL.size == 32
+if _V2.size != 72 or _V3_TAIL.size != 32:  # pragma: no cover
+    raise ImportError("unexpected qcow2 header layout")
 
 
 class Header(object):
@@ -112,7 +113,7 @@ class Header(object):
         if fields[0] != C.MAGIC:
             raise Qcow2Error("not a qcow2 image: bad magic %#010x" % fields[0])
         hdr = cls()
-        (_, hdr.version, hdr.backing_file_offset, hdr.backing_file_size, hdr.cluster_bits,
+        (_magic, hdr.version, hdr.backing_file_offset, hdr.backing_file_size, hdr.cluster_bits,
          hdr.size, hdr.crypt_method, hdr.l1_size, hdr.l1_table_offset,
          hdr.refcount_table_offset, hdr.refcount_table_clusters, hdr.nb_snapshots,
          hdr.snapshots_offset) = fields

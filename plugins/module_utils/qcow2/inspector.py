@@ -350,7 +350,7 @@ class Image(object):
         data = self.read(self.bitmap_directory_offset, size)
         result = []
         pos = 0
-        for _ in range(self.nb_bitmaps):
+        for _index in range(self.nb_bitmaps):
             if pos + _BITMAP_ENTRY.size > size:
                 raise Qcow2Error("corrupt image: bitmap directory is truncated", path=self.path)
             (table_offset, table_size, flags, btype, gran_bits, name_size,
@@ -625,8 +625,8 @@ def _l2_runs(img, table):
     ctype = img.cluster_type(first)
     if ctype in (NORMAL, ZERO_ALLOC) and n >= 1:
         off = first & C.L2E_OFFSET_MASK
-        if off + (n - 1) * cs <= C.L2E_OFFSET_MASK and _is_progression(img, table, n, first,
-                                                                         bitmap):
+        if off + (n - 1) * cs <= C.L2E_OFFSET_MASK and \
+                _is_progression(img, table, n, first, bitmap):
             runs = [(0, n, first, bitmap)]
             if n < total:
                 runs.append((n, total - n, 0, 0))
@@ -870,7 +870,7 @@ class _Checker(object):
     def corrupt(self, text, count=1):
         self.corruptions += count
         self.msg(text)
-        for _ in range(min(count - 1, self.max_messages)):
+        for _index in range(min(count - 1, self.max_messages)):
             self.msg(text)
         if count - 1 > self.max_messages:
             self.dropped += count - 1 - self.max_messages
@@ -1400,7 +1400,7 @@ def _detect_metadata_prealloc(img):
             continue
         if offset & (cs - 1):
             return False
-        vals, _ = _decode_refblock(img.read(offset, cs), img.header.refcount_order)
+        vals, _width = _decode_refblock(img.read(offset, cs), img.header.refcount_order)
         m = min(per, end - r * per)
         count += m - vals.count(0, 0, m)
     return count >= threshold

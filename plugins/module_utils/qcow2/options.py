@@ -8,6 +8,7 @@ their module spellings) and returns a validated, normalised value object. Every 
 Qcow2Error whose `option` names the parameter at fault.
 """
 
+import math
 import re
 
 from . import constants as C
@@ -37,7 +38,7 @@ def parse_size(value, option="size"):
     if isinstance(value, int):
         number = value
     elif isinstance(value, float):
-        if value != value or value in (float("inf"), float("-inf")):
+        if math.isnan(value) or math.isinf(value):
             raise Qcow2Error("%s: %r is not a size" % (option, value), option=option)
         number = int(value)
     elif isinstance(value, str):
@@ -55,7 +56,7 @@ def parse_size(value, option="size"):
         digits = match.group(1)
         shift = _SUFFIXES[suffix]
         if "." in digits:
-            whole, _, frac = digits.partition(".")
+            whole, _dot, frac = digits.partition(".")
             # Exact arithmetic: value = (whole.frac) * 2**shift, truncated like qemu's strtosz.
             scale = 10 ** len(frac)
             number = (int(whole or "0") * scale + int(frac or "0")) * (1 << shift) // scale

@@ -265,7 +265,7 @@ def _grow_data_file(data_path, old_size, new_size, mode, result):
 
 def _zero_unbacked(fd, offset, length):
     from .writer import write_zeros
-    segments, _ = fileops.unbacked_segments(fd, offset, length)
+    segments, _fiemap = fileops.unbacked_segments(fd, offset, length)
     for off, seg_len in segments:
         write_zeros(fd, off, seg_len)
 
@@ -499,7 +499,7 @@ def raise_allocation(path, mode):
                     if not fileops.is_not_supported(exc):
                         raise
                     method = "zero-writes into holes (fallocate not supported)"
-                    segments = [(o, n) for o, n in _holes(fd, offset, length)]
+                    segments = list(_holes(fd, offset, length))
                     for o, n in segments:
                         _write_zeros(fd, o, n)
                         zero_bytes += n
@@ -513,7 +513,7 @@ def raise_allocation(path, mode):
                     else "zero-writes into holes (no FIEMAP: unwritten extents not seen)"
         os.fsync(fd)
         return {"method": method, "runs": len(runs), "zero_bytes": zero_bytes,
-                "data_bytes": sum(n for _, n in runs)}
+                "data_bytes": sum(n for _off, n in runs)}
     finally:
         close_locked(fd, lock)
 

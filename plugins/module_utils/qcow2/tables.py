@@ -70,17 +70,14 @@ def refcount_runs(runs, refcount_order, total_bytes, chunk_bytes=CHUNK_BYTES):
     for start, end in runs:
         if end <= start:
             continue
-        for piece in writer.emit(0, start - pos):
-            yield piece
-        for piece in writer.emit(1, end - start):
-            yield piece
+        yield from writer.emit(0, start - pos)
+        yield from writer.emit(1, end - start)
         pos = end
     emitted = writer.emitted
     for piece in writer.flush():
         emitted += len(piece)
         yield piece
-    for piece in zeros(total_bytes - emitted, chunk_bytes):
-        yield piece
+    yield from zeros(total_bytes - emitted, chunk_bytes)
 
 
 class _RefcountStream(object):
@@ -104,8 +101,7 @@ class _RefcountStream(object):
             return
         if self.bits >= 8:
             unit = self.one if value else b"\0" * self.width
-            for piece in self._repeat(unit, count):
-                yield piece
+            yield from self._repeat(unit, count)
             return
         while count and self.cur_n:
             self.cur |= value << (self.cur_n * self.bits)
@@ -116,8 +112,7 @@ class _RefcountStream(object):
                 yield bytes([self.cur])
                 self.cur = self.cur_n = 0
         whole = count // self.per_byte
-        for piece in self._repeat(self.one if value else b"\0", whole):
-            yield piece
+        yield from self._repeat(self.one if value else b"\0", whole)
         for i in range(count - whole * self.per_byte):
             self.cur |= value << (i * self.bits)
             self.cur_n += 1
@@ -155,8 +150,7 @@ def padded(chunks, total_bytes):
     for piece in chunks:
         done += len(piece)
         yield piece
-    for piece in zeros(total_bytes - done):
-        yield piece
+    yield from zeros(total_bytes - done)
 
 
 def clusters_for(nbytes, cluster_size):

@@ -179,8 +179,8 @@ def check_space(directory, plan):
 
 def _temp_path(path):
     directory, name = os.path.split(os.path.abspath(path))
-    return os.path.join(directory, ".%s.%d.%d.tmp" % (name, os.getpid(),
-                                                     int(time.monotonic() * 1e6) % 10 ** 9))
+    stamp = int(time.monotonic() * 1e6) % 10 ** 9
+    return os.path.join(directory, ".%s.%d.%d.tmp" % (name, os.getpid(), stamp))
 
 
 def create_file(path, plan, replace=False, mode=0o644, data_file_path=None):
