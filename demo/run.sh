@@ -14,7 +14,7 @@ ln -sfn "$ROOT" .scratch/collections/ansible_collections/vdisk/qcow2
 export ANSIBLE_COLLECTIONS_PATH="$ROOT/.scratch/collections"
 export ANSIBLE_LOCALHOST_WARNING=false ANSIBLE_INVENTORY_UNPARSED_WARNING=false
 
-PLAYBOOK=(.venv-demo/bin/ansible-playbook -i localhost, demo/demo.yml)
+PLAYBOOK=(.venv-demo/bin/ansible-playbook -i "localhost," demo/demo.yml)
 
 echo "### 1. apply"
 "${PLAYBOOK[@]}"

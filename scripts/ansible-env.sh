@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Source me: PATH with .venv-ansible and real interpreters, collection search path.
 VDISK_ROOT=${VDISK_ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
 export PATH="$VDISK_ROOT/.venv-ansible/bin:$VDISK_ROOT/.scratch/pythons:$PATH"

@@ -7,7 +7,6 @@
 #   - .scratch/pythons: real pythonX.Y links for every Python 3.9..3.14 found, for ansible-test
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ROOT=$(pwd)
 log() { printf '[setup-ansible] %s\n' "$*"; }
 
 find_python() {
@@ -29,7 +28,7 @@ for v in 3.9 3.10 3.11 3.12 3.13 3.14; do
         ln -sfn "$py" ".scratch/pythons/python$v"
     fi
 done
-log "pythons for ansible-test: $(ls .scratch/pythons | tr '\n' ' ')"
+log "pythons for ansible-test: $(cd .scratch/pythons && echo python*)"
 
 # 2. The controller venv.
 PY=""
@@ -62,12 +61,13 @@ CACHE="$HOME/.ansible/test/cache"
 STANDIN="$CACHE/get_pip_${PIP_VERSION//./_}.py"
 WHEELS="$CACHE/pip-wheels"
 mkdir -p "$CACHE" "$WHEELS"
-if ! ls "$WHEELS"/pip-"$PIP_VERSION"-*.whl >/dev/null 2>&1; then
+WHEEL=$(find "$WHEELS" -name "pip-$PIP_VERSION-*.whl" | head -1)
+if [ -z "$WHEEL" ]; then
     log "fetching pip $PIP_VERSION wheel"
     .venv-ansible/bin/python -m pip download -q --disable-pip-version-check --no-deps \
         "pip==$PIP_VERSION" -d "$WHEELS"
 fi
-WHEEL=$(ls "$WHEELS"/pip-"$PIP_VERSION"-*.whl | head -1)
+WHEEL=$(find "$WHEELS" -name "pip-$PIP_VERSION-*.whl" | head -1)
 cat > "$STANDIN" <<PYEOF
 # Stand-in for ansible-test's get-pip bootstrap (written by scripts/setup-ansible.sh):
 # install pip $PIP_VERSION from a local wheel instead of downloading a bootstrap script.

@@ -27,7 +27,7 @@ need_pkg() {
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$pkg" >/dev/null
 }
 
-for pkg in ${VDISK_APT_PACKAGES:-qemu-utils}; do
+for pkg in ${VDISK_APT_PACKAGES:-qemu-utils shellcheck}; do
     need_pkg "$pkg"
 done
 

@@ -2,7 +2,7 @@
 # Run every test of the project. Usage: bash scripts/test.sh [extra pytest args]
 # Installs what it needs first (scripts/setup-debian.sh).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 ROOT=$(pwd)
 export PYTHONDONTWRITEBYTECODE=1
 
@@ -32,6 +32,34 @@ if [ -x .venv-py39/bin/python ]; then
         tests/engine/test_units.py tests/engine/test_inspector.py
 else
     echo "Python 3.9 is not available: engine tests on 3.9 skipped (setup-debian.sh said why)"
+fi
+
+# ---- the collection, as Ansible tools see it ----
+if bash scripts/setup-ansible.sh; then
+    # shellcheck source=scripts/ansible-env.sh
+    source scripts/ansible-env.sh
+    TREE=$(bash scripts/collection-tree.sh)
+    in_tree() { (cd "$TREE" && "$@"); }
+    step "ansible-test sanity (all tests, Python 3.9-3.13)" in_tree ansible-test sanity --local
+    step "ansible-test units on Python 3.9" in_tree ansible-test units --venv --python 3.9
+    step "ansible-test units on Python 3.13" in_tree ansible-test units --venv --python 3.13
+    step "ansible-test integration (image, image_info, role_images)" \
+        in_tree ansible-test integration --venv --python 3.13 image image_info role_images
+    step "ansible-lint --profile production" in_tree ansible-lint --offline --profile production
+    step "antsibull-docs lint-collection-docs" \
+        in_tree antsibull-docs lint-collection-docs --plugin-docs --skip-rstcheck .
+    step "antsibull-changelog lint" in_tree antsibull-changelog lint
+    build_and_import() {
+        local out="$ROOT/.scratch/build"
+        rm -rf "$out" && mkdir -p "$out"
+        in_tree ansible-galaxy collection build --output-path "$out" &&
+            (cd "$out" && python -m galaxy_importer.main vdisk-qcow2-*.tar.gz)
+    }
+    step "ansible-galaxy collection build + galaxy-importer" build_and_import
+    step "the README's demo (bash demo/run.sh)" bash demo/run.sh
+else
+    echo "setting up the Ansible tools failed"
+    failed+=("setup-ansible")
 fi
 
 printf '\n'
