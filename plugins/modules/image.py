@@ -362,7 +362,8 @@ def main():
                             params["preallocation"] == "falloc":
                         result["actions"].append(
                             "the filesystem refused fallocate: zeros were written instead")
-        after = api.observe(path) if not module.check_mode else observed
+        # Observe again only when something was done; otherwise the first look is current.
+        after = api.observe(path) if decision.actions and not module.check_mode else observed
         diff = {"before": dict(decision.before), "after": dict(decision.after)}
         if not module.check_mode:
             diff["after"] = reconcile.image_view(after)
