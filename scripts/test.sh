@@ -57,6 +57,8 @@ if bash scripts/setup-ansible.sh; then
     }
     step "ansible-galaxy collection build + galaxy-importer" build_and_import
     step "the README's demo (bash demo/run.sh)" bash demo/run.sh
+    step "remote hosts: molecule images_role + safety_remote, ansible-test --target ssh" \
+        bash tests/hosts/run-remote-tests.sh
 else
     echo "setting up the Ansible tools failed"
     failed+=("setup-ansible")

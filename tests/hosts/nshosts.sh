@@ -219,6 +219,8 @@ cmd_down() {
     ip link del "$BRIDGE" 2>/dev/null || true
     rm -rf "$RUNDIR"
     rm -f "$STATE"/cp-* "$STATE"/h*/sshd.pid 2>/dev/null || true
+    # The hosts' image directories are test data: the next `up` starts empty.
+    rm -rf "$STATE"/h*/images 2>/dev/null || true
     log "down: $(hosts_up | wc -l) namespace(s) left"
 }
 
