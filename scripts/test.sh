@@ -26,6 +26,9 @@ step() {
 step "engine tests (pytest, oracle matrix against qemu-img)" \
     .venv-test/bin/python -m pytest -p no:cacheprovider tests/engine -q -ra "$@"
 
+step "reliability: faults, kills, races, hostile files (default subset)" \
+    .venv-test/bin/python -m pytest -p no:cacheprovider tests/reliability -q -ra -s
+
 if [ -x .venv-py39/bin/python ]; then
     step "engine unit and inspector tests on Python 3.9" \
         .venv-py39/bin/python -m pytest -p no:cacheprovider -q -ra \

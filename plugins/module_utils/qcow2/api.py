@@ -76,6 +76,11 @@ def is_block_device(path):
 
 def create(path, values, replace=False, mode=0o644, check_backing=True):
     """Create a qcow2 image at `path` from option values (dict). Returns a result dict."""
+    if os.path.islink(path):
+        raise Qcow2Error("%s: is a symbolic link; give the real path (a link at the image path is "
+                         "never followed nor replaced)" % path, path=path)
+    if os.path.isdir(path):
+        raise Qcow2Error("%s: is a directory" % path, path=path)
     opts = values if isinstance(values, CreateOptions) else parse_options(path, values)
     if opts.backing_file and check_backing:
         backing = resolve_relative(path, opts.backing_file)

@@ -177,6 +177,46 @@ def check_space(directory, plan):
             option="preallocation")
 
 
+def remove_stale_temp_files(path):
+    """Remove temporary files an earlier, killed run left for `path`.
+
+    They are named `.NAME.PID.STAMP.tmp`; one is stale when no process with that PID exists.
+    Returns the names removed.
+    """
+    directory, name = os.path.split(os.path.abspath(path))
+    prefix = "." + name + "."
+    removed = []
+    try:
+        entries = os.listdir(directory)
+    except OSError:
+        return removed
+    for entry in entries:
+        if not (entry.startswith(prefix) and entry.endswith(".tmp")):
+            continue
+        parts = entry[len(prefix):-len(".tmp")].split(".")
+        if len(parts) != 2 or not all(p.isdigit() for p in parts):
+            continue
+        pid = int(parts[0])
+        if pid == os.getpid() or _process_exists(pid):
+            continue
+        try:
+            os.unlink(os.path.join(directory, entry))
+            removed.append(entry)
+        except OSError:
+            pass
+    return removed
+
+
+def _process_exists(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
 def _temp_path(path):
     directory, name = os.path.split(os.path.abspath(path))
     stamp = int(time.monotonic() * 1e6) % 10 ** 9
@@ -196,6 +236,9 @@ def create_file(path, plan, replace=False, mode=0o644, data_file_path=None):
         raise Qcow2Error("%s: the directory %s does not exist" % (path, directory), path=path)
     if not replace and os.path.lexists(path):
         raise Qcow2Error("%s: a file already exists at this path" % path, path=path)
+    remove_stale_temp_files(path)
+    if opts.data_file and data_file_path:
+        remove_stale_temp_files(data_file_path)
     check_space(directory, plan)
     data_tmp = None
     tmp = _temp_path(path)

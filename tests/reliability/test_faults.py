@@ -1,0 +1,398 @@
+# Copyright (c) 2026 vdisk.qcow2 developers
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""Faults: full disks, kills at every kind of write, bad paths, races. Nothing may be lost.
+
+Kills are injected deterministically: the engine runs in a child process whose os.pwrite,
+os.fsync, os.fdatasync, os.ftruncate, os.link, os.rename, os.replace and fallocate are
+wrapped; the child SIGKILLs itself just before the k-th of those calls, with k drawn from a
+seeded random generator over the calls an uninterrupted run makes. VDISK_FULL_CAMPAIGN=1 runs
+60 trials per operation instead of 12.
+"""
+
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.abspath(os.path.join(HERE, os.pardir, os.pardir))
+ENGINE = os.path.join(ROOT, "plugins", "module_utils")
+sys.path.insert(0, ENGINE)
+
+from qcow2 import api, inspector, writer  # noqa: E402
+from qcow2.errors import Qcow2Error  # noqa: E402
+
+QEMU_IMG = "qemu-img"
+QEMU_IO = "qemu-io"
+FULL = bool(os.environ.get("VDISK_FULL_CAMPAIGN"))
+TRIALS = 60 if FULL else 12
+SUMMARY = {}
+
+CHILD = textwrap.dedent("""
+    import os, signal, sys, json
+    sys.path.insert(0, %(engine)r)
+    from qcow2 import api, fileops
+    kill_at, op, path, arg = int(sys.argv[1]), sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+    calls = [0]
+    def wrap(func):
+        def wrapper(*a, **kw):
+            calls[0] += 1
+            if calls[0] == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return func(*a, **kw)
+        return wrapper
+    for name in ("pwrite", "fsync", "fdatasync", "ftruncate", "link", "rename", "replace"):
+        setattr(os, name, wrap(getattr(os, name)))
+    fileops.fallocate = wrap(fileops.fallocate)
+    if op == "create":
+        api.create(path, arg, replace=True)
+    elif op == "grow":
+        api.grow(path, arg["size"], arg["mode"])
+    elif op == "raise":
+        api.raise_preallocation(path, arg["current"], arg["target"])
+    print(json.dumps({"calls": calls[0]}))
+""") % {"engine": ENGINE}
+
+
+def run(*args, **kwargs):
+    return subprocess.run([str(a) for a in args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          universal_newlines=True, check=False, **kwargs)
+
+
+def sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def qemu_check(path):
+    proc = run(QEMU_IMG, "check", "--output=json", path)
+    data = json.loads(proc.stdout) if proc.stdout.strip() else {}
+    return proc.returncode, data
+
+
+def child(kill_at, op, path, arg):
+    return run(sys.executable, "-c", CHILD, kill_at, op, path, json.dumps(arg))
+
+
+def count_calls(op, path, arg):
+    proc = child(0, op, path, arg)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)["calls"]
+
+
+def write_pattern(path, pattern, offset, length):
+    proc = run(QEMU_IO, "-c", "write -P %d %d %d" % (pattern, offset, length), path)
+    assert proc.returncode == 0, proc.stderr
+
+
+def pattern_intact(path, pattern, offset, length):
+    proc = run(QEMU_IO, "-c", "read -P %d %d %d" % (pattern, offset, length), path)
+    return proc.returncode == 0 and "Pattern verification failed" not in proc.stdout
+
+
+def record(kind, outcome):
+    entry = SUMMARY.setdefault(kind, {"trials": 0, "old": 0, "new": 0, "corrupt": 0, "lost": 0})
+    entry["trials"] += 1
+    entry[outcome] += 1
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _print_summary():
+    yield
+    for kind, entry in sorted(SUMMARY.items()):
+        sys.stdout.write("\n[faults] %-26s trials=%d old=%d new=%d corrupt=%d lost=%d"
+                         % (kind, entry["trials"], entry["old"], entry["new"], entry["corrupt"],
+                            entry["lost"]))
+    sys.stdout.write("\n")
+
+
+@pytest.mark.parametrize("mode", ["metadata", "falloc", "full"])
+def test_kill_during_create_leaves_old_or_new(tmp_path, mode):
+    path = str(tmp_path / "img.qcow2")
+    arg = {"size": "48M", "preallocation": mode}
+    api.create(path, {"size": "16M"})
+    write_pattern(path, 0x33, 0, 65536)
+    old = sha256(path)
+    total = count_calls("create", path, arg)
+    rng = random.Random("create-" + mode)
+    for trial in range(TRIALS):
+        # Back to the old image before each trial.
+        os.unlink(path)
+        api.create(path, {"size": "16M"})
+        write_pattern(path, 0x33, 0, 65536)
+        assert sha256(path) == old
+        kill_at = rng.randint(1, total)
+        proc = child(kill_at, "create", path, arg)
+        assert proc.returncode == -signal.SIGKILL, (kill_at, proc.stderr)
+        if sha256(path) == old:
+            record("create/" + mode, "old")
+        else:
+            code, data = qemu_check(path)
+            info = inspector.info(path)
+            if code == 0 and info["virtual-size"] == 48 << 20:
+                record("create/" + mode, "new")
+            else:
+                record("create/" + mode, "corrupt")
+                pytest.fail("trial %d (kill at call %d): half an image: %s" % (trial, kill_at, data))
+        # The next run converges and removes the killed run's temporary file.
+        api.create(path, arg, replace=True)
+        assert qemu_check(path)[0] == 0
+        leftovers = [n for n in os.listdir(str(tmp_path)) if n.endswith(".tmp")]
+        assert leftovers == []
+
+
+@pytest.mark.parametrize("mode", ["off", "metadata", "full"])
+def test_kill_during_grow_never_corrupts(tmp_path, mode):
+    path = str(tmp_path / "g.qcow2")
+    arg = {"size": 96 << 20, "mode": mode}
+    base = str(tmp_path / "base.qcow2")
+    api.create(base, {"size": "32M", "preallocation": mode, "cluster_size": 65536})
+    write_pattern(base, 0x44, 1 << 20, 65536)
+    with open(base, "rb") as src, open(path, "wb") as dst:
+        dst.write(src.read())
+    total = count_calls("grow", path, arg)
+    rng = random.Random("grow-" + mode)
+    for trial in range(TRIALS):
+        with open(base, "rb") as src, open(path, "wb") as dst:
+            dst.write(src.read())
+        kill_at = rng.randint(1, total)
+        proc = child(kill_at, "grow", path, arg)
+        assert proc.returncode == -signal.SIGKILL, (kill_at, proc.stderr)
+        code, data = qemu_check(path)
+        if code not in (0, 3) or data.get("corruptions"):
+            record("grow/" + mode, "corrupt")
+            pytest.fail("trial %d (kill at call %d): corruption %s" % (trial, kill_at, data))
+        if not pattern_intact(path, 0x44, 1 << 20, 65536):
+            record("grow/" + mode, "lost")
+            pytest.fail("trial %d (kill at call %d): guest data lost" % (trial, kill_at))
+        size = inspector.info(path)["virtual-size"]
+        record("grow/" + mode, "new" if size == 96 << 20 else "old")
+        # Running the operation again converges; leaked clusters are reclaimable.
+        api.grow(path, 96 << 20, mode)
+        assert inspector.info(path)["virtual-size"] == 96 << 20
+        run(QEMU_IMG, "check", "-r", "leaks", path)
+        assert qemu_check(path)[0] == 0
+        assert pattern_intact(path, 0x44, 1 << 20, 65536)
+
+
+def test_kill_during_raise_to_full_never_writes_over_data(tmp_path):
+    path = str(tmp_path / "r.qcow2")
+    base = str(tmp_path / "base.qcow2")
+    api.create(base, {"size": "32M", "preallocation": "metadata"})
+    write_pattern(base, 0x55, 3 << 20, 1 << 20)
+    arg = {"current": "metadata", "target": "full"}
+    with open(base, "rb") as src, open(path, "wb") as dst:
+        dst.write(src.read())
+    # Keep the copy sparse like the original: holes must stay holes for the test to mean much.
+    run("cp", "--sparse=always", base, path)
+    total = count_calls("raise", path, arg)
+    rng = random.Random("raise")
+    for trial in range(TRIALS):
+        run("cp", "--sparse=always", base, path)
+        kill_at = rng.randint(1, total)
+        proc = child(kill_at, "raise", path, arg)
+        assert proc.returncode == -signal.SIGKILL, (kill_at, proc.stderr)
+        code, data = qemu_check(path)
+        if code != 0:
+            record("raise/metadata->full", "corrupt")
+            pytest.fail("trial %d: %s" % (trial, data))
+        if not pattern_intact(path, 0x55, 3 << 20, 1 << 20):
+            record("raise/metadata->full", "lost")
+            pytest.fail("trial %d (kill at call %d): guest data lost" % (trial, kill_at))
+        level = inspector.allocation_state(path)["preallocation"]
+        record("raise/metadata->full", "new" if level == "full" else "old")
+        api.raise_preallocation(path, level, "full")
+        assert inspector.allocation_state(path)["preallocation"] == "full"
+        assert pattern_intact(path, 0x55, 3 << 20, 1 << 20)
+
+
+# ---------------------------------------------------------------- full disks
+
+@pytest.fixture
+def small_fs(tmp_path):
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root (CI runs as root)")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_enospc_refused_up_front(small_fs):
+    path = str(small_fs / "big.qcow2")
+    for mode in ("falloc", "full"):
+        with pytest.raises(Qcow2Error) as err:
+            api.create(path, {"size": "128M", "preallocation": mode})
+        assert err.value.option == "preallocation"
+        assert "not enough free space" in str(err.value)
+        assert os.listdir(str(small_fs)) == []
+
+
+def test_enospc_mid_write_cleans_up_and_keeps_the_old_image(small_fs, monkeypatch):
+    monkeypatch.setattr(writer, "check_space", lambda directory, plan: None)
+    path = str(small_fs / "img.qcow2")
+    with pytest.raises(Qcow2Error) as err:
+        api.create(path, {"size": "128M", "preallocation": "full"})
+    assert "No space left" in str(err.value)
+    assert os.listdir(str(small_fs)) == []
+    api.create(path, {"size": "8M", "preallocation": "full"})
+    write_pattern(path, 0x66, 0, 65536)
+    before = sha256(path)
+    for mode in ("full", "falloc"):
+        with pytest.raises(Qcow2Error):
+            api.create(path, {"size": "128M", "preallocation": mode}, replace=True)
+        assert sha256(path) == before
+        assert sorted(os.listdir(str(small_fs))) == ["img.qcow2"]
+
+
+def test_enospc_during_grow_keeps_a_consistent_image(small_fs):
+    path = str(small_fs / "g.qcow2")
+    api.create(path, {"size": "16M", "preallocation": "full"})
+    write_pattern(path, 0x77, 0, 65536)
+    with pytest.raises((Qcow2Error, OSError)):
+        api.grow(path, 256 << 20, "full")
+    code, data = qemu_check(path)
+    assert code in (0, 3) and not data.get("corruptions"), data
+    assert pattern_intact(path, 0x77, 0, 65536)
+
+
+# ---------------------------------------------------------------- bad paths
+
+def test_bad_paths_give_clear_messages_and_create_nothing(tmp_path):
+    with pytest.raises(Qcow2Error, match="does not exist"):
+        api.create(str(tmp_path / "missing" / "x.qcow2"), {"size": "1M"})
+    (tmp_path / "dir.qcow2").mkdir()
+    with pytest.raises(Qcow2Error, match="is a directory"):
+        api.create(str(tmp_path / "dir.qcow2"), {"size": "1M"})
+    dangling = tmp_path / "dangling.qcow2"
+    dangling.symlink_to(tmp_path / "nowhere.qcow2")
+    with pytest.raises(Qcow2Error, match="symbolic link"):
+        api.create(str(dangling), {"size": "1M"})
+    assert not (tmp_path / "nowhere.qcow2").exists()
+    devlink = tmp_path / "dev.qcow2"
+    devlink.symlink_to("/dev/null")
+    with pytest.raises(Qcow2Error, match="symbolic link"):
+        api.create(str(devlink), {"size": "1M"})
+    with pytest.raises(Qcow2Error, match="is a directory"):
+        api.observe(str(tmp_path / "dir.qcow2"))
+    assert sorted(os.listdir(str(tmp_path))) == ["dangling.qcow2", "dev.qcow2", "dir.qcow2"]
+
+
+def test_read_only_filesystem(small_fs):
+    subprocess.run(["mount", "-o", "remount,ro", str(small_fs)], check=True)
+    with pytest.raises(Qcow2Error, match="Read-only file system"):
+        api.create(str(small_fs / "ro.qcow2"), {"size": "1M"})
+
+
+@pytest.fixture
+def request_cleanup():
+    actions = []
+    yield actions
+    for action in actions:
+        action()
+
+
+def test_permission_denied(request_cleanup):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to drop to another user (CI runs as root)")
+    import tempfile
+    import shutil
+    # pytest's own tmp dirs are private to root: use a world-traversable, root-owned one.
+    top = tempfile.mkdtemp(prefix="vdisk-perm-", dir="/tmp")
+    os.chmod(top, 0o755)
+    request_cleanup.append(lambda: shutil.rmtree(top, ignore_errors=True))
+    from pathlib import Path
+    locked = Path(top) / "locked"
+    locked.mkdir(mode=0o755)
+    code = textwrap.dedent("""
+        import os, sys
+        sys.path.insert(0, %r)
+        # Import everything first: the interpreter's own files may not be readable by nobody.
+        from qcow2 import api, writer, planner, options, fileops, lock, inspector, resize
+        from qcow2.errors import Qcow2Error
+        os.setgid(65534); os.setuid(65534)
+        try:
+            api.create(%r, {"size": "1M"})
+        except Qcow2Error as exc:
+            print("REFUSED", exc)
+    """) % (ENGINE, str(locked / "x.qcow2"))
+    proc = run(sys.executable, "-c", code)
+    assert "REFUSED" in proc.stdout and "Permission denied" in proc.stdout, proc.stdout + proc.stderr
+    assert os.listdir(str(locked)) == []
+
+
+# ---------------------------------------------------------------- races
+
+def test_two_creates_racing_one_wins(tmp_path):
+    path = str(tmp_path / "race.qcow2")
+    code = textwrap.dedent("""
+        import sys
+        sys.path.insert(0, %r)
+        from qcow2 import api
+        from qcow2.errors import Qcow2Error
+        try:
+            api.create(%r, {"size": "256M", "preallocation": "full"})
+            print("WON")
+        except Qcow2Error as exc:
+            print("LOST", exc)
+    """) % (ENGINE, path)
+    for _round in range(3):
+        if os.path.exists(path):
+            os.unlink(path)
+        procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                                  universal_newlines=True) for _i in range(2)]
+        outs = [p.communicate()[0] for p in procs]
+        assert sum("WON" in o for o in outs) == 1, outs
+        assert any("exists" in o or "appeared" in o for o in outs if "LOST" in o), outs
+        assert qemu_check(path)[0] == 0
+        assert [n for n in os.listdir(str(tmp_path)) if n.endswith(".tmp")] == []
+
+
+def test_qemu_started_during_our_grow_is_refused(tmp_path):
+    path = str(tmp_path / "busy.qcow2")
+    api.create(path, {"size": "64M", "preallocation": "full"})
+    code = textwrap.dedent("""
+        import sys, time
+        sys.path.insert(0, %r)
+        from qcow2 import fileops, api
+        real = fileops.fallocate
+        import os
+        slow_write = os.pwrite
+        def slow(*a, **kw):
+            time.sleep(0.002)
+            return slow_write(*a, **kw)
+        os.pwrite = slow
+        api.grow(%r, 2 << 30, "full")
+        print("GROWN")
+    """) % (ENGINE, path)
+    grower = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                              universal_newlines=True)
+    try:
+        from qcow2 import lock
+        seen = False
+        for _i in range(400):
+            if lock.probe(path)["in_use"]:
+                seen = True
+                break
+            import time
+            time.sleep(0.01)
+        assert seen, "our grow never showed QEMU's write lock"
+        proc = run(QEMU_IO, "-c", "read 0 512", path)
+        assert proc.returncode != 0 and "lock" in proc.stderr, proc.stderr
+    finally:
+        out = grower.communicate(timeout=600)[0]
+    assert "GROWN" in out
+    assert qemu_check(path)[0] == 0
