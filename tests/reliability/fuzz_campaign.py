@@ -23,7 +23,6 @@ import random
 import resource
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import tempfile
@@ -160,6 +159,7 @@ def worker(args):
             start = time.monotonic()
             signal.alarm(TIME_LIMIT)
             outcome = None
+            detail = ""
             try:
                 outcome = exercise(path)
             except Hang:
@@ -180,7 +180,7 @@ def worker(args):
                 with open(os.path.join(outdir, "input-%d.qcow2" % n), "wb") as handle:
                     handle.write(data)
                 with open(os.path.join(outdir, "input-%d.txt" % n), "w") as handle:
-                    handle.write(outcome + "\n" + (detail if outcome == "crash" else ""))
+                    handle.write(outcome + "\n" + detail)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return totals
