@@ -565,12 +565,18 @@ def _decode_refblock(block, order):
         rest = bytearray(block)
         rest[width - 1::width] = _zeros(len(vals))
         if rest != _zeros(len(rest)):
-            n = len(vals)
-            for k in range(n):
-                if any(rest[k * width:(k + 1) * width]):
-                    value = int.from_bytes(block[k * width:(k + 1) * width], "big")
-                    vals[k] = 255
-                    big[k] = value
+            # Only the chunks that hold high bytes are scanned entry by entry.
+            chunk = 4096 * width
+            zero = _zeros(chunk)
+            for base in range(0, len(rest), chunk):
+                piece = rest[base:base + chunk]
+                if piece == zero[:len(piece)]:
+                    continue
+                for k in range(base // width, (base + len(piece)) // width):
+                    if any(rest[k * width:(k + 1) * width]):
+                        value = int.from_bytes(block[k * width:(k + 1) * width], "big")
+                        vals[k] = 255
+                        big[k] = value
     pos = vals.find(255)
     while pos >= 0:
         if pos not in big:
