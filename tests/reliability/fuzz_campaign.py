@@ -90,7 +90,7 @@ def mutate(data, rng):
         if kind < 0.35 and buf:
             pos = rng.randrange(hot if rng.random() < 0.7 else len(buf))
             buf[pos] ^= 1 << rng.randrange(8)
-        elif kind < 0.7 and len(buf) >= 8:
+        elif kind < 0.7 and len(buf) > 8:
             fields = (4, 8, 16, 20, 24, 32, 36, 40, 48, 56, 60, 64, 72, 80, 88, 96, 100, 104)
             if rng.random() < 0.5:
                 pos = rng.choice(fields)
