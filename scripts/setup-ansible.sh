@@ -9,17 +9,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 log() { printf '[setup-ansible] %s\n' "$*"; }
 
-find_python() {
-    local ver=$1 cand
-    for cand in "${PYENV_ROOT:-$HOME/.pyenv}"/versions/"$ver".*/bin/python"$ver" \
-                /root/.pyenv/versions/"$ver".*/bin/python"$ver" "/usr/bin/python$ver" "python$ver"; do
-        if command -v "$cand" >/dev/null 2>&1 && "$cand" -c 'import venv' >/dev/null 2>&1; then
-            command -v "$cand"
-            return 0
-        fi
-    done
-    return 1
-}
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
 
 # 1. Real interpreters on PATH for ansible-test (pyenv shims would fail for inactive versions).
 mkdir -p .scratch/pythons

@@ -32,26 +32,9 @@ for pkg in ${VDISK_APT_PACKAGES:-qemu-utils shellcheck}; do
 done
 
 # Find a Python by minor version: PATH first, then pyenv's installs.
-find_python() {
-    local ver=$1 cand
-    # pyenv's real interpreters first: its shims exist for versions that are not active.
-    for cand in "${PYENV_ROOT:-$HOME/.pyenv}"/versions/"$ver".*/bin/python"$ver" \
-                /root/.pyenv/versions/"$ver".*/bin/python"$ver" "python$ver"; do
-        if command -v "$cand" >/dev/null 2>&1 && "$cand" -c 'import venv' >/dev/null 2>&1; then
-            command -v "$cand"
-            return 0
-        fi
-    done
-    return 1
-}
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
 
-controller_python() {
-    local v
-    for v in 3.14 3.13 3.12; do
-        if find_python "$v"; then return 0; fi
-    done
-    return 1
-}
 
 make_venv() {
     local dir=$1 py=$2
