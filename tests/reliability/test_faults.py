@@ -48,7 +48,8 @@ CHILD = textwrap.dedent("""
                 os.kill(os.getpid(), signal.SIGKILL)
             return func(*a, **kw)
         return wrapper
-    for name in ("pwrite", "fsync", "fdatasync", "ftruncate", "link", "rename", "replace"):
+    for name in ("pwrite", "pwritev", "fsync", "fdatasync", "ftruncate", "link", "rename",
+                 "replace"):
         setattr(os, name, wrap(getattr(os, name)))
     fileops.fallocate = wrap(fileops.fallocate)
     if op == "create":
