@@ -562,9 +562,18 @@ def _decode_refblock(block, order):
         vals = bytearray(block)
     else:
         vals = bytearray(block[width - 1::width])
-        rest = bytearray(block)
-        rest[width - 1::width] = _zeros(len(vals))
-        if rest != _zeros(len(rest)):
+        if width == 2:
+            # 16-bit refcounts (the default): the high bytes are every other byte.
+            high = block[0::2] != _zeros(len(vals))
+            rest = bytearray(block) if high else None
+            if high:
+                rest[1::2] = _zeros(len(vals))
+        else:
+            rest = bytearray(block)
+            rest[width - 1::width] = _zeros(len(vals))
+            if rest == _zeros(len(rest)):
+                rest = None
+        if rest is not None:
             # Only the chunks that hold high bytes are scanned entry by entry.
             chunk = 4096 * width
             zero = _zeros(chunk)
