@@ -316,3 +316,88 @@ def test_zero_writes_start_writeback_on_every_buffer(tmp_path, monkeypatch):
     # Every buffer is advised when written; buffers 0..2 are advised a second time later.
     assert sorted(set(started)) == [4096 * k for k in range(1, 6)]
     assert len(advice) == 5 + 3
+
+
+class _TableImage(object):
+    """Just what the progression tests of the inspector read from an image."""
+
+    def __init__(self, cluster_bits, entry_size):
+        self.cluster_bits = cluster_bits
+        self.cluster_size = 1 << cluster_bits
+        self.l2_entry_size = entry_size
+        self._matcher = None
+        self._last_progression = None
+        self._delta_cache = {}
+
+
+def _entries_are_progression(table, n, first, bitmap, entry_size, cluster_size):
+    words = struct.unpack(">%dQ" % (len(table) // 8), table)
+    step = entry_size // 8
+    for k in range(n):
+        if words[k * step] != first + k * cluster_size:
+            return False
+        if step == 2 and words[k * step + 1] != bitmap:
+            return False
+    return True
+
+
+@pytest.mark.parametrize("cluster_bits", range(9, 22))
+@pytest.mark.parametrize("entry_size", [8, 16])
+def test_l2_progression_test_agrees_with_entry_by_entry(cluster_bits, entry_size):
+    """The byte-template matcher and the big-integer test decide exactly like a loop over
+    the entries: on progressions that cross a template period and change their high bytes,
+    on tables cut short, with flags, and on tables with one bit flipped anywhere."""
+    import random
+
+    from qcow2 import inspector
+
+    rnd = random.Random(cluster_bits * 100 + entry_size)
+    cs = 1 << cluster_bits
+    per_table = cs // entry_size
+    img = _TableImage(cluster_bits, entry_size)
+    decided = {True: 0, False: 0}
+    for trial in range(40):
+        n = per_table if trial % 3 else rnd.randint(1, min(per_table, 5000))
+        n = min(n, 1 << 14)
+        if trial % 4 == 0:
+            offset = rnd.randrange(1 << 20) * cs
+        else:
+            # Just below a boundary of the template period or a byte of the offset.
+            bit = rnd.randrange(cluster_bits, 48)
+            offset = max(0, (1 << bit) - rnd.randrange(1, n + 2) * cs)
+        flags = rnd.choice([0, C.OFLAG_COPIED, C.OFLAG_ZERO, C.OFLAG_COPIED | C.OFLAG_ZERO,
+                            1 << 1])
+        first = offset | flags
+        bitmap = rnd.choice([0, 0xFFFFFFFF, rnd.getrandbits(64)]) if entry_size == 16 else 0
+        words = []
+        for k in range(n):
+            words.append(first + k * cs)
+            if entry_size == 16:
+                words.append(bitmap)
+        table = bytearray(struct.pack(">%dQ" % len(words), *words))
+        if trial % 2:
+            pos = rnd.randrange(len(table))
+            table[pos] ^= 1 << rnd.randrange(8)
+        table = bytes(table) + bytes((per_table - n) * entry_size)
+        want = _entries_are_progression(table, n, first, bitmap, entry_size, cs)
+        assert inspector._is_progression(img, table, n, first, bitmap) == want
+        assert inspector._is_progression_bigint(img, table, n, first, bitmap) == want
+        decided[want] += 1
+    assert decided[True] and decided[False]
+
+
+def test_l2_progression_matcher_declines_what_it_cannot_do_cheaply():
+    from qcow2 import inspector
+
+    cs = 1 << 16
+    matcher = inspector._ProgressionMatcher(16, 16)
+    table = struct.pack(">4Q", (5 * cs) | 2, 7, (6 * cs) | 2, 7)
+    assert matcher.matches(table, 2, (5 * cs) | 2, 7) is None      # reserved low bits
+    for bitmap in range(matcher.MAX_TEMPLATE_BUILDS):
+        table = struct.pack(">4Q", 5 * cs, bitmap, 6 * cs, bitmap)
+        assert matcher.matches(table, 2, 5 * cs, bitmap) is True
+    table = struct.pack(">4Q", 5 * cs, 99, 6 * cs, 99)
+    assert matcher.matches(table, 2, 5 * cs, 99) is None          # template budget spent
+    img = _TableImage(16, 16)
+    img._matcher = matcher
+    assert inspector._is_progression(img, table, 2, 5 * cs, 99) is True

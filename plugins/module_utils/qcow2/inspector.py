@@ -22,6 +22,7 @@ import struct
 
 from . import constants as C
 from .refcounts import get_refcount
+from .tables import progression
 from .errors import Qcow2Error
 from .header import decode_cluster0, find_extension
 
@@ -106,6 +107,7 @@ class Image(object):
         self._refblock_cache = {}
         self._last_progression = None
         self._delta_cache = {}
+        self._matcher = None
         self._snapshots = None
         try:
             self._parse()
@@ -649,12 +651,101 @@ def _l2_runs(img, table):
     return _l2_runs_slow(img, table, esz, cs, total)
 
 
-def _is_progression(img, table, n, first, bitmap):
-    """Whether the first n entries of `table` are `first + k*cluster_size` (with `bitmap`).
+# Below 4 KiB clusters a table is so small that the big-integer test is the faster one.
+_MATCHER_MIN_CLUSTER_BITS = 12
 
-    The table is read as one big integer. The image remembers the last progression it
-    verified; the next one usually differs from it by a constant in every entry, which
-    costs an addition instead of a multiplication.
+
+def _is_progression(img, table, n, first, bitmap):
+    """Whether the first n entries of `table` are `first + k*cluster_size` (with `bitmap`)."""
+    found = None
+    if img.cluster_bits >= _MATCHER_MIN_CLUSTER_BITS:
+        matcher = img._matcher
+        if matcher is None:
+            matcher = img._matcher = _ProgressionMatcher(img.cluster_bits, img.l2_entry_size)
+        found = matcher.matches(table, n, first, bitmap)
+    if found is None:
+        found = _is_progression_bigint(img, table, n, first, bitmap)
+    return found
+
+
+class _ProgressionMatcher(object):
+    """Recognises L2 tables whose descriptors are `first + k*cluster_size` by comparing bytes.
+
+    Such a descriptor is (q << c) | low with q counting up by one per entry (c: cluster
+    bits; low: the zero flag, 0 or 1). Cut it at the byte boundary s = c + p: the bytes
+    below s repeat every P = 2**p entries and come from one template of P descriptors built
+    once per image; the bytes above s hold q >> p, constant over those P entries. A table is
+    checked by copying its slice of the template, filling in the few constant high bytes
+    with strided slice assignments and one memcmp: no arithmetic per entry, and the cost of a
+    table is proportional to its size. p is chosen so that a table spans at most two periods.
+
+    matches() returns None when it cannot decide cheaply (reserved low bits, or more distinct
+    bitmaps than templates it keeps), and the caller falls back to the big-integer test.
+    """
+
+    MAX_TEMPLATE_BUILDS = 8
+
+    def __init__(self, cluster_bits, entry_size):
+        self.c = cluster_bits
+        self.esz = entry_size
+        entries_bits = cluster_bits - (3 if entry_size == 8 else 4)
+        self.s = (cluster_bits + entries_bits + 7) // 8 * 8
+        self.p = self.s - cluster_bits
+        self.period = 1 << self.p
+        self.high_bytes = 8 - self.s // 8
+        self.templates = {}
+        self.builds = 0
+
+    def template(self, low, bitmap):
+        key = (low, bitmap)
+        data = self.templates.get(key)
+        if data is None:
+            if self.builds >= self.MAX_TEMPLATE_BUILDS:
+                return None
+            self.builds += 1
+            if len(self.templates) >= 2:
+                self.templates.clear()
+            data = b"".join(progression(low, 1 << self.c, self.period, self.esz, tail=bitmap))
+            self.templates[key] = data
+        return data
+
+    def matches(self, table, n, first, bitmap):
+        c, esz, hb = self.c, self.esz, self.high_bytes
+        low = first & ((1 << c) - 1)
+        if low > 1:
+            return None
+        template = self.template(low, bitmap)
+        if template is None:
+            return None
+        q = first >> c
+        pos = done = 0
+        while done < n:
+            j = q & (self.period - 1)
+            m = min(n - done, self.period - j)
+            expect = template[j * esz:(j + m) * esz]
+            high = q >> self.p
+            if high:
+                expect = bytearray(expect)
+                for k in range(hb):
+                    v = (high >> (8 * (hb - 1 - k))) & 0xFF
+                    if v:
+                        expect[k::esz] = bytes((v,)) * m
+            if pos == 0 and m * esz == len(table):
+                if table != expect:
+                    return False
+            elif table[pos:pos + m * esz] != expect:
+                return False
+            pos += m * esz
+            done += m
+            q += m
+        return True
+
+
+def _is_progression_bigint(img, table, n, first, bitmap):
+    """The same test with the table read as one big integer (for what the matcher declines).
+
+    The image remembers the last progression it verified; the next one usually differs from
+    it by a constant in every entry, which costs an addition instead of a multiplication.
     """
     esz = img.l2_entry_size
     value = int.from_bytes(table[:n * esz], "big")
