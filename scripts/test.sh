@@ -9,6 +9,9 @@ export PYTHONDONTWRITEBYTECODE=1
 bash scripts/setup-debian.sh || { echo "setup failed"; exit 1; }
 
 failed=()
+# No cache in the tree; keep pytest's temporary directories only for failed tests (the
+# images of a passing run would otherwise stay in /tmp, about 15 GB per run).
+PYTEST_OPTS=(-p no:cacheprovider -o tmp_path_retention_policy=failed)
 step() {
     local name=$1
     shift
@@ -24,14 +27,14 @@ step() {
 }
 
 step "engine tests (pytest, oracle matrix against qemu-img)" \
-    .venv-test/bin/python -m pytest -p no:cacheprovider tests/engine -q -ra "$@"
+    .venv-test/bin/python -m pytest "${PYTEST_OPTS[@]}" tests/engine -q -ra "$@"
 
 step "reliability: faults, kills, races, hostile files (default subset)" \
-    .venv-test/bin/python -m pytest -p no:cacheprovider tests/reliability -q -ra -s
+    .venv-test/bin/python -m pytest "${PYTEST_OPTS[@]}" tests/reliability -q -ra -s
 
 if [ -x .venv-py39/bin/python ]; then
     step "engine unit and inspector tests on Python 3.9" \
-        .venv-py39/bin/python -m pytest -p no:cacheprovider -q -ra \
+        .venv-py39/bin/python -m pytest "${PYTEST_OPTS[@]}" -q -ra \
         tests/engine/test_units.py tests/engine/test_inspector.py
 else
     echo "Python 3.9 is not available: engine tests on 3.9 skipped (setup-debian.sh said why)"
