@@ -401,3 +401,40 @@ def test_l2_progression_matcher_declines_what_it_cannot_do_cheaply():
     img = _TableImage(16, 16)
     img._matcher = matcher
     assert inspector._is_progression(img, table, 2, 5 * cs, 99) is True
+
+
+@pytest.mark.parametrize("cluster_bits", [9, 12, 16, 21])
+@pytest.mark.parametrize("entry_size", [8, 16])
+def test_progression_from_template_equals_struct(cluster_bits, entry_size):
+    """Long power-of-two progressions come from a template; they must be exactly what
+    struct packs, across template periods, high-byte carries and every start alignment."""
+    import random
+
+    from qcow2 import tables
+
+    rnd = random.Random(cluster_bits * 10 + entry_size)
+    step = 1 << cluster_bits
+    period_bits = (cluster_bits + 11 + 7) // 8 * 8 - cluster_bits
+    for trial in range(6):
+        count = (4 << period_bits) + rnd.randrange(3 << period_bits)
+        bit = rnd.randrange(cluster_bits + period_bits, 52)
+        first = max(0, (1 << bit) - rnd.randrange(1, count) * step)
+        first |= rnd.choice([0, C.OFLAG_COPIED, C.OFLAG_COPIED | C.OFLAG_ZERO])
+        tail = rnd.choice([0, 0xFFFFFFFF00000000, rnd.getrandbits(64)])
+        pieces = list(tables.progression(first, step, count, entry_size, tail))
+        assert max(len(p) for p in pieces) <= tables.TEMPLATE_PIECE
+        assert len(pieces) > 1
+        data = b"".join(pieces)
+        words = struct.unpack(">%dQ" % (len(data) // 8), data)
+        if entry_size == 8:
+            assert list(words) == list(range(first, first + count * step, step))
+        else:
+            assert list(words[0::2]) == list(range(first, first + count * step, step))
+            assert set(words[1::2]) == {tail}
+
+
+def test_progression_refuses_entries_past_64_bits():
+    with pytest.raises(ValueError):
+        list(progression((1 << 64) - (1 << 16), 1 << 16, 2))
+    with pytest.raises(ValueError):
+        list(progression(0, 1 << 16, 2, entry_size=12))

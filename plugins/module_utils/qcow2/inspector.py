@@ -22,7 +22,7 @@ import struct
 
 from . import constants as C
 from .refcounts import get_refcount
-from .tables import progression
+from .tables import period_slice, progression
 from .errors import Qcow2Error
 from .header import decode_cluster0, find_extension
 
@@ -705,7 +705,8 @@ class _ProgressionMatcher(object):
             self.builds += 1
             if len(self.templates) >= 2:
                 self.templates.clear()
-            data = b"".join(progression(low, 1 << self.c, self.period, self.esz, tail=bitmap))
+            data = memoryview(b"".join(progression(low, 1 << self.c, self.period, self.esz,
+                                                   tail=bitmap)))
             self.templates[key] = data
         return data
 
@@ -722,14 +723,7 @@ class _ProgressionMatcher(object):
         while done < n:
             j = q & (self.period - 1)
             m = min(n - done, self.period - j)
-            expect = template[j * esz:(j + m) * esz]
-            high = q >> self.p
-            if high:
-                expect = bytearray(expect)
-                for k in range(hb):
-                    v = (high >> (8 * (hb - 1 - k))) & 0xFF
-                    if v:
-                        expect[k::esz] = bytes((v,)) * m
+            expect = period_slice(template, j, m, q >> self.p, hb, esz)
             if pos == 0 and m * esz == len(table):
                 if table != expect:
                     return False

@@ -5,10 +5,18 @@
 
 Preallocated tables are arithmetic progressions: L2 entry k points at data cluster
 `first + k`, L1 entry i at L2 table `first + i`, reftable entry i at refblock `first + i`.
-A chunk of such entries is produced once with struct, read as one big integer, and every
-later chunk is that integer plus a multiple of a "one in every field" pattern: big-integer
-addition in C instead of millions of Python-level packs. Fields never carry into each other
-because offsets stay below 2**56.
+
+Long progressions whose step is a power of two (a cluster size) are cut out of a template:
+an entry is (q << c) | low with q counting up by one; below a byte boundary s a little above
+c its bytes repeat every 2**(s-c) entries, above s they are constant over such a period. One
+period's worth of entries is made once, and each period of output is a copy of it with the
+few non-zero constant high bytes filled in by strided slice assignments: memory copies, no
+arithmetic per entry.
+
+Other progressions (and short ones) are produced with big integers: a chunk of entries is
+packed once with struct, read as one integer, and every later chunk is that integer plus a
+multiple of a "one in every field" pattern. Fields never carry into each other because
+offsets stay below 2**56.
 """
 
 import struct
@@ -18,27 +26,79 @@ from .allocator import div_round_up
 CHUNK_BYTES = 8 * 1024 * 1024
 
 
+# Template periods are at least 2**11 entries (s >= c + 11) and at most 2**18.
+_PERIOD_MIN_BITS = 11
+# Template output comes in pieces of at most this many bytes.
+TEMPLATE_PIECE = 1 << 20
+
+
 def progression(first, step, count, entry_size=8, tail=0, chunk_bytes=64 * 1024):
     """Yield the big-endian bytes of `count` entries `first + k*step`, in chunks.
 
     With entry_size 16 each entry is followed by a 64-bit `tail` word (extended L2 bitmaps).
+    Chunks are bytes-like (bytes or bytearray) and never changed after they are yielded; they
+    hold at most max(chunk_bytes, 1 MiB) bytes.
     """
     if count <= 0:
         return
+    if entry_size not in (8, 16):
+        raise ValueError("entry_size must be 8 or 16")
+    if first < 0 or first + (count - 1) * step >= 1 << 64:
+        raise ValueError("progression entries must fit in 64 bits")
+    if step > 0 and not step & (step - 1):
+        c = step.bit_length() - 1
+        s = (c + _PERIOD_MIN_BITS + 7) // 8 * 8
+        if s < 64 and count >= 4 << (s - c):
+            yield from _from_template(first, c, s, count, entry_size, tail)
+            return
+    yield from _progression_bigint(first, step, count, entry_size, tail, chunk_bytes)
+
+
+def _from_template(first, c, s, count, entry_size, tail):
+    pbits = s - c
+    period = 1 << pbits
+    high_bytes = 8 - s // 8
+    low = first & ((1 << c) - 1)
+    template = b"".join(_progression_bigint(low, 1 << c, period, entry_size, tail, 1 << 20))
+    view = memoryview(template)
+    cap = max(1, TEMPLATE_PIECE // entry_size)
+    q = first >> c
+    done = 0
+    while done < count:
+        j = q & (period - 1)
+        m = min(count - done, period - j, cap)
+        yield period_slice(view, j, m, q >> pbits, high_bytes, entry_size)
+        done += m
+        q += m
+
+
+def period_slice(template, j, m, high, high_bytes, entry_size):
+    """Entries j..j+m-1 of a template period (a memoryview of entries whose top `high_bytes`
+    bytes are zero), with those top bytes of every entry set to the big-endian `high`."""
+    piece = template[j * entry_size:(j + m) * entry_size]
+    if not high:
+        return piece.tobytes()
+    piece = bytearray(piece)
+    for k in range(high_bytes):
+        v = (high >> (8 * (high_bytes - 1 - k))) & 0xFF
+        if v:
+            piece[k::entry_size] = bytes((v,)) * m
+    return piece
+
+
+def _progression_bigint(first, step, count, entry_size, tail, chunk_bytes):
     per_chunk = max(1, chunk_bytes // entry_size)
     m = min(per_chunk, count)
     if entry_size == 8:
         base = struct.pack(">%dQ" % m, *range(first, first + m * step, step))
         unit = (b"\0" * 7 + b"\1") * m
-    elif entry_size == 16:
+    else:
         values = []
         for value in range(first, first + m * step, step):
             values.append(value)
             values.append(tail)
         base = struct.pack(">%dQ" % (2 * m), *values)
         unit = (b"\0" * 7 + b"\1" + b"\0" * 8) * m
-    else:
-        raise ValueError("entry_size must be 8 or 16")
     current = int.from_bytes(base, "big")
     delta = int.from_bytes(unit, "big") * (m * step)
     done = 0
