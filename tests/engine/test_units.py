@@ -414,7 +414,7 @@ def test_progression_from_template_equals_struct(cluster_bits, entry_size):
 
     rnd = random.Random(cluster_bits * 10 + entry_size)
     step = 1 << cluster_bits
-    period_bits = (cluster_bits + 11 + 7) // 8 * 8 - cluster_bits
+    period_bits = tables.template_period_bits(cluster_bits)
     for trial in range(6):
         count = (4 << period_bits) + rnd.randrange(3 << period_bits)
         bit = rnd.randrange(cluster_bits + period_bits, 52)

@@ -32,6 +32,9 @@ ROOT = os.path.abspath(os.path.join(HERE, os.pardir, os.pardir))
 TOOL = [sys.executable, os.path.join(ROOT, "tools", "qcow2")]
 QEMU_IMG = shutil.which("qemu-img")
 
+sys.path.insert(0, os.path.join(ROOT, "plugins", "module_utils"))
+from qcow2 import fileops  # noqa: E402  (the engine's own SEEK_DATA/SEEK_HOLE walk)
+
 GiB = 1 << 30
 TiB = 1 << 40
 
@@ -70,19 +73,13 @@ def warm_cache(path):
     """Read every allocated byte of `path` (holes are skipped) into the page cache."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        pos, end = 0, os.fstat(fd).st_size
-        while pos < end:
-            try:
-                data = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:
-                break
-            hole = os.lseek(fd, data, os.SEEK_HOLE)
-            while data < hole:
-                got = len(os.pread(fd, min(8 << 20, hole - data), data))
+        for offset, length in fileops.data_segments(fd, 0, os.fstat(fd).st_size):
+            end = offset + length
+            while offset < end:
+                got = len(os.pread(fd, min(8 << 20, end - offset), offset))
                 if not got:
                     break
-                data += got
-            pos = hole
+                offset += got
     finally:
         os.close(fd)
 

@@ -22,7 +22,7 @@ import struct
 
 from . import constants as C
 from .refcounts import get_refcount
-from .tables import period_slice, progression
+from .tables import ProgressionTemplate
 from .errors import Qcow2Error
 from .header import decode_cluster0, find_extension
 
@@ -671,16 +671,12 @@ def _is_progression(img, table, n, first, bitmap):
 class _ProgressionMatcher(object):
     """Recognises L2 tables whose descriptors are `first + k*cluster_size` by comparing bytes.
 
-    Such a descriptor is (q << c) | low with q counting up by one per entry (c: cluster
-    bits; low: the zero flag, 0 or 1). Cut it at the byte boundary s = c + p: the bytes
-    below s repeat every P = 2**p entries and come from one template of P descriptors built
-    once per image; the bytes above s hold q >> p, constant over those P entries. A table is
-    checked by copying its slice of the template, filling in the few constant high bytes
-    with strided slice assignments and one memcmp: no arithmetic per entry, and the cost of a
-    table is proportional to its size. p is chosen so that a table spans at most two periods.
+    The expected bytes come from tables.ProgressionTemplate (a period of descriptors built
+    once, high bytes filled in per piece) and are compared piece by piece with the table: no
+    arithmetic per entry, and the cost of a table is proportional to its size.
 
     matches() returns None when it cannot decide cheaply (reserved low bits, or more distinct
-    bitmaps than templates it keeps), and the caller falls back to the big-integer test.
+    bitmaps than templates it builds), and the caller falls back to the big-integer test.
     """
 
     MAX_TEMPLATE_BUILDS = 8
@@ -688,50 +684,34 @@ class _ProgressionMatcher(object):
     def __init__(self, cluster_bits, entry_size):
         self.c = cluster_bits
         self.esz = entry_size
-        entries_bits = cluster_bits - (3 if entry_size == 8 else 4)
-        self.s = (cluster_bits + entries_bits + 7) // 8 * 8
-        self.p = self.s - cluster_bits
-        self.period = 1 << self.p
-        self.high_bytes = 8 - self.s // 8
         self.templates = {}
         self.builds = 0
 
     def template(self, low, bitmap):
         key = (low, bitmap)
-        data = self.templates.get(key)
-        if data is None:
+        template = self.templates.get(key)
+        if template is None:
             if self.builds >= self.MAX_TEMPLATE_BUILDS:
                 return None
             self.builds += 1
             if len(self.templates) >= 2:
                 self.templates.clear()
-            data = memoryview(b"".join(progression(low, 1 << self.c, self.period, self.esz,
-                                                   tail=bitmap)))
-            self.templates[key] = data
-        return data
+            template = ProgressionTemplate(self.c, self.esz, low, bitmap)
+            self.templates[key] = template
+        return template
 
     def matches(self, table, n, first, bitmap):
-        c, esz, hb = self.c, self.esz, self.high_bytes
-        low = first & ((1 << c) - 1)
+        low = first & ((1 << self.c) - 1)
         if low > 1:
             return None
         template = self.template(low, bitmap)
         if template is None:
             return None
-        q = first >> c
-        pos = done = 0
-        while done < n:
-            j = q & (self.period - 1)
-            m = min(n - done, self.period - j)
-            expect = period_slice(template, j, m, q >> self.p, hb, esz)
-            if pos == 0 and m * esz == len(table):
-                if table != expect:
-                    return False
-            elif table[pos:pos + m * esz] != expect:
+        pos = 0
+        for piece in template.pieces(first >> self.c, n):
+            if not table.startswith(piece, pos):
                 return False
-            pos += m * esz
-            done += m
-            q += m
+            pos += len(piece)
         return True
 
 

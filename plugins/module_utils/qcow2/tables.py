@@ -26,7 +26,7 @@ from .allocator import div_round_up
 CHUNK_BYTES = 8 * 1024 * 1024
 
 
-# Template periods are at least 2**11 entries (s >= c + 11) and at most 2**18.
+# Template periods are at least 2**11 entries and at most 2**18.
 _PERIOD_MIN_BITS = 11
 # Template output comes in pieces of at most this many bytes.
 TEMPLATE_PIECE = 1 << 20
@@ -47,43 +47,58 @@ def progression(first, step, count, entry_size=8, tail=0, chunk_bytes=64 * 1024)
         raise ValueError("progression entries must fit in 64 bits")
     if step > 0 and not step & (step - 1):
         c = step.bit_length() - 1
-        s = (c + _PERIOD_MIN_BITS + 7) // 8 * 8
-        if s < 64 and count >= 4 << (s - c):
-            yield from _from_template(first, c, s, count, entry_size, tail)
+        if c + template_period_bits(c) < 64 and count >= 4 << template_period_bits(c):
+            template = ProgressionTemplate(c, entry_size, first & (step - 1), tail)
+            yield from template.pieces(first >> c, count)
             return
     yield from _progression_bigint(first, step, count, entry_size, tail, chunk_bytes)
 
 
-def _from_template(first, c, s, count, entry_size, tail):
-    pbits = s - c
-    period = 1 << pbits
-    high_bytes = 8 - s // 8
-    low = first & ((1 << c) - 1)
-    template = b"".join(_progression_bigint(low, 1 << c, period, entry_size, tail, 1 << 20))
-    view = memoryview(template)
-    cap = max(1, TEMPLATE_PIECE // entry_size)
-    q = first >> c
-    done = 0
-    while done < count:
-        j = q & (period - 1)
-        m = min(count - done, period - j, cap)
-        yield period_slice(view, j, m, q >> pbits, high_bytes, entry_size)
-        done += m
-        q += m
+def template_period_bits(step_bits):
+    """p of the template period 2**p for steps of 2**step_bits: the smallest p >= 11 that
+    puts step_bits + p on a byte boundary."""
+    return (step_bits + _PERIOD_MIN_BITS + 7) // 8 * 8 - step_bits
 
 
-def period_slice(template, j, m, high, high_bytes, entry_size):
-    """Entries j..j+m-1 of a template period (a memoryview of entries whose top `high_bytes`
-    bytes are zero), with those top bytes of every entry set to the big-endian `high`."""
-    piece = template[j * entry_size:(j + m) * entry_size]
-    if not high:
-        return piece.tobytes()
-    piece = bytearray(piece)
-    for k in range(high_bytes):
-        v = (high >> (8 * (high_bytes - 1 - k))) & 0xFF
-        if v:
-            piece[k::entry_size] = bytes((v,)) * m
-    return piece
+class ProgressionTemplate(object):
+    """Entries `(q << c) | low` (each followed by `tail` when entry_size is 16), cut out of
+    one period made once.
+
+    Below the byte boundary s = c + p an entry's bytes repeat every 2**p values of q; above
+    it they hold q >> p, constant over a period. A piece of output is a copy of its slice of
+    the period with the non-zero high bytes filled in by strided slice assignments.
+    """
+
+    def __init__(self, step_bits, entry_size, low=0, tail=0):
+        self.c = step_bits
+        self.p = template_period_bits(step_bits)
+        self.period = 1 << self.p
+        self.entry_size = entry_size
+        self.high_bytes = 8 - (step_bits + self.p) // 8
+        self.view = memoryview(b"".join(_progression_bigint(
+            low, 1 << step_bits, self.period, entry_size, tail, 1 << 20)))
+
+    def pieces(self, q, count):
+        """Yield the bytes of the `count` entries from q on, in pieces of at most
+        TEMPLATE_PIECE bytes that never cross a period."""
+        esz, hb = self.entry_size, self.high_bytes
+        cap = max(1, TEMPLATE_PIECE // esz)
+        while count > 0:
+            j = q & (self.period - 1)
+            m = min(count, self.period - j, cap)
+            piece = self.view[j * esz:(j + m) * esz]
+            high = q >> self.p
+            if high:
+                piece = bytearray(piece)
+                for k in range(hb):
+                    v = (high >> (8 * (hb - 1 - k))) & 0xFF
+                    if v:
+                        piece[k::esz] = bytes((v,)) * m
+            else:
+                piece = piece.tobytes()
+            yield piece
+            q += m
+            count -= m
 
 
 def _progression_bigint(first, step, count, entry_size, tail, chunk_bytes):
