@@ -20,6 +20,7 @@ _MODULE_UTILS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "
 if _MODULE_UTILS not in sys.path:
     sys.path.insert(0, _MODULE_UTILS)
 
+from qcow2 import check as check_module  # noqa: E402
 from qcow2 import inspector  # noqa: E402
 from qcow2.errors import Qcow2Error  # noqa: E402
 
@@ -147,7 +148,8 @@ def test_matches_qemu(images, name):
     assert state["preallocation"] == level
     assert state["guest_data"] is False
     assert set(state) == {"preallocation", "guest_data", "method", "mapped_clusters",
-                          "total_clusters", "unallocated_host_bytes", "unwritten_host_bytes"}
+                          "total_clusters", "unallocated_host_bytes", "unwritten_host_bytes",
+                          "fall_through_clusters"}
 
 
 @pytest.mark.parametrize("mode", ["off", "metadata", "falloc", "full"])
@@ -242,12 +244,12 @@ def test_large_metadata_image(tmp_path):
     qemu_io(path, "write -P 1 100G 64k")
     result, _proc = assert_check(path)
     assert_map(path)
-    old = inspector.WINDOW_CLUSTERS
+    old = check_module.WINDOW_CLUSTERS
     try:
-        inspector.WINDOW_CLUSTERS = 100003
+        check_module.WINDOW_CLUSTERS = 100003
         windowed = inspector.check(path)
     finally:
-        inspector.WINDOW_CLUSTERS = old
+        check_module.WINDOW_CLUSTERS = old
     windowed.pop("messages")
     assert windowed == result
 

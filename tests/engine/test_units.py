@@ -349,7 +349,7 @@ def test_l2_progression_test_agrees_with_entry_by_entry(cluster_bits, entry_size
     on tables cut short, with flags, and on tables with one bit flipped anywhere."""
     import random
 
-    from qcow2 import inspector
+    from qcow2 import l2runs
 
     rnd = random.Random(cluster_bits * 100 + entry_size)
     cs = 1 << cluster_bits
@@ -380,17 +380,17 @@ def test_l2_progression_test_agrees_with_entry_by_entry(cluster_bits, entry_size
             table[pos] ^= 1 << rnd.randrange(8)
         table = bytes(table) + bytes((per_table - n) * entry_size)
         want = _entries_are_progression(table, n, first, bitmap, entry_size, cs)
-        assert inspector._is_progression(img, table, n, first, bitmap) == want
-        assert inspector._is_progression_bigint(img, table, n, first, bitmap) == want
+        assert l2runs._is_progression(img, table, n, first, bitmap) == want
+        assert l2runs._is_progression_bigint(img, table, n, first, bitmap) == want
         decided[want] += 1
     assert decided[True] and decided[False]
 
 
 def test_l2_progression_matcher_declines_what_it_cannot_do_cheaply():
-    from qcow2 import inspector
+    from qcow2 import l2runs
 
     cs = 1 << 16
-    matcher = inspector._ProgressionMatcher(16, 16)
+    matcher = l2runs._ProgressionMatcher(16, 16)
     table = struct.pack(">4Q", (5 * cs) | 2, 7, (6 * cs) | 2, 7)
     assert matcher.matches(table, 2, (5 * cs) | 2, 7) is None      # reserved low bits
     for bitmap in range(matcher.MAX_TEMPLATE_BUILDS):
@@ -400,7 +400,7 @@ def test_l2_progression_matcher_declines_what_it_cannot_do_cheaply():
     assert matcher.matches(table, 2, 5 * cs, 99) is None          # template budget spent
     img = _TableImage(16, 16)
     img._matcher = matcher
-    assert inspector._is_progression(img, table, 2, 5 * cs, 99) is True
+    assert l2runs._is_progression(img, table, 2, 5 * cs, 99) is True
 
 
 @pytest.mark.parametrize("cluster_bits", [9, 12, 16, 21])
