@@ -4,41 +4,30 @@
 """Header-only changes in place: compat 0.10 -> 1.1 and lazy refcounts on/off.
 
 Both rewrite cluster 0 alone (one write, then fsync), as QEMU does for amend; no table moves.
-The image is held with QEMU's write locks meanwhile.
+The image is held with QEMU's write locks meanwhile, past the editor's guard (dirty, corrupt
+and damaged images are refused).
 """
-
-import os
 
 from . import constants as C
 from .errors import Qcow2Error
-from .header import decode_cluster0, encode_cluster0, feature_table_extension
+from .editor import editing
+from .header import encode_cluster0, feature_table_extension
 
 # QEMU's order of extensions in cluster 0; unknown types go after the known ones.
 _ORDER = {C.EXT_BACKING_FORMAT: 0, C.EXT_DATA_FILE: 1, C.EXT_CRYPTO: 2,
           C.EXT_FEATURE_TABLE: 3, C.EXT_BITMAPS: 4}
 
 
-def _rewrite(path, change):
-    from .resize import close_locked, open_locked
-    fd, lock = open_locked(path)
-    try:
-        head = os.pread(fd, 2 * 1024 * 1024, 0)
-        hdr, exts, backing = decode_cluster0(head)
-        if hdr.incompatible_features & (C.INCOMPAT_DIRTY | C.INCOMPAT_CORRUPT):
-            raise Qcow2Error("%s: the image is marked dirty or corrupt; run "
-                             "'qemu-img check -r all' before changing it" % path, path=path)
-        if hdr.incompatible_features & ~C.INCOMPAT_MASK:
-            raise Qcow2Error("%s: unknown incompatible features; refusing to modify" % path,
-                             path=path)
+def _rewrite(path, change, what):
+    with editing(path) as ed:
+        hdr, exts, backing = ed.header, list(ed.extensions), ed.backing_file
         if not change(hdr, exts):
             return False
         exts.sort(key=lambda e: _ORDER.get(e.type, 5))
-        cluster = encode_cluster0(hdr, exts, backing)
-        os.pwrite(fd, cluster, 0)
-        os.fsync(fd)
+        ed.pwrite(0, encode_cluster0(hdr, exts, backing))
+        ed.sync()
+        ed.done.append(what)
         return True
-    finally:
-        close_locked(fd, lock)
 
 
 def upgrade_compat(path):
@@ -54,7 +43,7 @@ def upgrade_compat(path):
         if hdr.cluster_size > 4096 and not any(e.type == C.EXT_FEATURE_TABLE for e in exts):
             exts.append(feature_table_extension())
         return True
-    return _rewrite(path, change)
+    return _rewrite(path, change, "upgraded compat to 1.1")
 
 
 def set_lazy_refcounts(path, enabled):
@@ -71,4 +60,4 @@ def set_lazy_refcounts(path, enabled):
         else:
             hdr.compatible_features &= ~C.COMPAT_LAZY_REFCOUNTS
         return True
-    return _rewrite(path, change)
+    return _rewrite(path, change, "turned lazy refcounts %s" % ("on" if enabled else "off"))

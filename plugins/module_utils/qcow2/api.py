@@ -108,17 +108,21 @@ def create(path, values, replace=False, mode=0o644, check_backing=True):
     return out
 
 
-def grow(path, size, mode="off"):
-    """Raise the virtual size in place; the new range is preallocated per `mode`."""
-    data_path = None
+def _data_file_path(path):
     with open(path, "rb") as handle:
         head = handle.read(2 * 1024 * 1024)
     hdr, exts, _backing = decode_cluster0(head)
     if hdr.incompatible_features & C.INCOMPAT_DATA_FILE:
         for ext in exts:
             if ext.type == C.EXT_DATA_FILE:
-                data_path = resolve_relative(path, ext.data.decode("utf-8", "replace"))
-    return resize.grow(path, size, mode, data_file_path=data_path)
+                return resolve_relative(path, ext.data.decode("utf-8", "replace"))
+    return None
+
+
+def grow(path, size, mode="off"):
+    """Raise the virtual size in place; the new range reads zeros and is preallocated per
+    `mode`."""
+    return resize.grow(path, size, mode, data_file_path=_data_file_path(path))
 
 
 def raise_preallocation(path, current, target):
@@ -136,6 +140,34 @@ def raise_preallocation(path, current, target):
         step = resize.raise_allocation(path, target)
         result["steps"].append(dict(step, action="allocate data clusters (%s)" % target))
     return result
+
+
+def reclaim_leaks(path):
+    """Reclaim clusters leaked at the end of the file (what an interrupted run leaves)."""
+    from .reclaim import reclaim_leaks as _reclaim
+    return _reclaim(path)
+
+
+IN_PLACE = ("grow", "raise_preallocation", "upgrade_compat", "lazy_refcounts", "reclaim_leaks")
+
+
+def preflight(path, decision):
+    """Raise the Qcow2Error that applying `decision` in place would raise before its first
+    write: the editor's guard (dirty, corrupt, damaged) and the planners' guest-view rules.
+    Reads only; check mode runs it so its prediction matches the real run."""
+    from .editor import guard_image
+    from .image import Image
+    kinds = [a for a in decision.actions if a.kind in IN_PLACE]
+    if not kinds:
+        return
+    with Image.open(path) as img:
+        guard_image(img, path)
+        device = is_block_device(path)
+        for action in kinds:
+            if action.kind == "grow":
+                resize.plan_grow(img, action.args["size"], action.args["mode"], device)
+            elif action.kind == "raise_preallocation" and action.args["current"] == "off":
+                resize.plan_fill(img, action.args["target"], device)
 
 
 def observe(path, with_check=False):
@@ -161,6 +193,7 @@ def observe(path, with_check=False):
     try:
         info = inspector.info(path, image=image)
         state = inspector.allocation_state(path, image=image)
+        tail = inspector.tail_leaks(path, image=image)
         data = info["format-specific"]["data"]
         hdr = image.header
         out = {
@@ -186,6 +219,9 @@ def observe(path, with_check=False):
             "allocated_clusters": state.get("mapped_clusters", 0),
             "allocation_method": state.get("method"),
             "in_use": _in_use(lock, path),
+            "snapshots": hdr.nb_snapshots,
+            "fall_through_clusters": state.get("fall_through_clusters", 0),
+            "leaked_clusters": tail["clusters"] if tail.get("scanned") else None,
         }
         if with_check:
             result = inspector.check(path, image=image)
@@ -212,29 +248,42 @@ def _in_use(lock, path):
 
 
 def apply(path, decision, mode=0o644):
-    """Carry out a reconciler decision's actions in order; returns per-action results."""
+    """Carry out a reconciler decision's actions in order; returns per-action results.
+
+    When an action fails after the file was changed (by it or by an earlier action), the
+    Qcow2Error carries modified=True and `done`: the texts of what was completed."""
     results = []
+    done = []
     for action in decision.actions:
-        if action.kind in ("create", "recreate"):
-            results.append(create(path, action.args["values"], replace=action.kind == "recreate",
-                                  mode=mode))
-        elif action.kind == "remove":
-            _remove_unheld(path)
-            results.append({"removed": path})
-        elif action.kind == "grow":
-            results.append(grow(path, action.args["size"], action.args["mode"]))
-        elif action.kind == "raise_preallocation":
-            results.append(raise_preallocation(path, action.args["current"],
-                                               action.args["target"]))
-        elif action.kind == "upgrade_compat":
-            from .amend import upgrade_compat
-            results.append({"changed": upgrade_compat(path)})
-        elif action.kind == "lazy_refcounts":
-            from .amend import set_lazy_refcounts
-            results.append({"changed": set_lazy_refcounts(path, action.args["enabled"])})
-        else:
-            raise Qcow2Error("internal error: unknown action %s" % action.kind)
+        try:
+            results.append(_apply_one(path, action, mode))
+        except Qcow2Error as exc:
+            exc.done = done + list(getattr(exc, "done", []))
+            exc.modified = bool(done) or bool(getattr(exc, "modified", False))
+            raise
+        done.append(action.text)
     return results
+
+
+def _apply_one(path, action, mode):
+    if action.kind in ("create", "recreate"):
+        return create(path, action.args["values"], replace=action.kind == "recreate", mode=mode)
+    if action.kind == "remove":
+        _remove_unheld(path)
+        return {"removed": path}
+    if action.kind == "grow":
+        return grow(path, action.args["size"], action.args["mode"])
+    if action.kind == "raise_preallocation":
+        return raise_preallocation(path, action.args["current"], action.args["target"])
+    if action.kind == "upgrade_compat":
+        from .amend import upgrade_compat
+        return {"changed": upgrade_compat(path)}
+    if action.kind == "lazy_refcounts":
+        from .amend import set_lazy_refcounts
+        return {"changed": set_lazy_refcounts(path, action.args["enabled"])}
+    if action.kind == "reclaim_leaks":
+        return reclaim_leaks(path)
+    raise Qcow2Error("internal error: unknown action %s" % action.kind)
 
 
 def _remove_unheld(path):
@@ -251,7 +300,7 @@ def _remove_unheld(path):
 IMAGE_KEYS = ("format", "virtual_size", "cluster_size", "compat", "refcount_bits",
               "lazy_refcounts", "extended_l2", "compression_type", "backing_file", "backing_fmt",
               "data_file", "data_file_raw", "dirty", "corrupt", "encrypted", "preallocation",
-              "actual_size", "allocated_clusters", "in_use")
+              "actual_size", "allocated_clusters", "in_use", "snapshots", "leaked_clusters")
 
 
 def public_view(observed):

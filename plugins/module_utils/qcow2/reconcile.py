@@ -140,6 +140,10 @@ def decide(declared, image, state="present", force=False):
                             values=creation_values(declared))]
         d.after = _after_create(want)
         return d
+    leaked = image.get("leaked_clusters") if image.get("qcow2") else None
+    if leaked and not image.get("in_use") and not image.get("dirty"):
+        d.actions.insert(0, Action("reclaim_leaks", "reclaim %d leaked cluster(s) at the end of "
+                                   "the file (left by an interrupted change)" % leaked))
     if d.actions and image.get("in_use"):
         d.failure = "the image is in use by a running QEMU; it is not modified (wanted: %s)" \
                     % "; ".join(d.texts())
@@ -209,24 +213,62 @@ def _compare(d, want, image):
                            % (image["virtual_size"], size))
     current = image["preallocation"]
     if C.prealloc_rank(mode) > C.prealloc_rank(current):
-        if image.get("data_file"):
-            d.conflicts.append("preallocation is %s, declared %s, and the image has an external "
-                               "data file (its allocation is not raised in place)"
-                               % (current, mode))
-        elif current == "off" and image.get("guest_data"):
-            d.conflicts.append("preallocation is off, declared %s, and the image already holds "
-                               "guest data" % mode)
+        blocked = _raise_blocked(image, current, mode)
+        if blocked:
+            d.conflicts.append(blocked)
         else:
-            d.actions.append(Action("raise_preallocation", "raise preallocation from %s to %s"
-                                    % (current, mode), current=current, target=mode))
+            d.actions.append(Action("raise_preallocation", "raise preallocation from %s to %s%s"
+                                    % (current, mode, " (the guest's data stays in place)"
+                                       if image.get("guest_data") else ""),
+                                    current=current, target=mode))
             after["preallocation"] = mode
     if size is not None and size > image["virtual_size"]:
         grow_mode = max(mode, current, key=C.prealloc_rank)
-        d.actions.append(Action("grow", "grow the virtual size from %d to %d (new range: %s)"
-                                % (image["virtual_size"], size, grow_mode),
-                                size=size, mode=grow_mode))
-        after["size"] = size
+        blocked = _grow_blocked(image)
+        if blocked:
+            d.conflicts.append(blocked)
+        else:
+            d.actions.append(Action("grow", "grow the virtual size from %d to %d (new range: %s, "
+                                    "reads zeros)" % (image["virtual_size"], size, grow_mode),
+                                    size=size, mode=grow_mode))
+            after["size"] = size
     d.after = after
+
+
+def _raise_blocked(image, current, mode):
+    """Why raising preallocation in place would change the guest's view (None: it would not)."""
+    if image.get("data_file"):
+        return ("preallocation is %s, declared %s, and the image has an external data file "
+                "(its allocation is not raised in place)" % (current, mode))
+    if current != "off":
+        return None
+    if image.get("fall_through_clusters"):
+        return ("preallocation is off, declared %s, and %d cluster(s) of this overlay still read "
+                "from its backing file: giving them host clusters would hide the backing file's "
+                "bytes from the guest. An overlay can be preallocated only with extended_l2 "
+                "(clusters are mapped and their subclusters left unallocated, as qemu-img does); "
+                "keep preallocation off for it, or recreate it with extended_l2: true"
+                % (mode, image["fall_through_clusters"]))
+    if image.get("snapshots"):
+        return ("preallocation is off, declared %s, and the image has %d internal snapshot(s): "
+                "the L2 tables it shares with them are not copied in place, so its clusters are "
+                "not mapped (delete the snapshots first)" % (mode, image["snapshots"]))
+    return None
+
+
+def _grow_blocked(image):
+    """Why growing in place is refused (None: it is not)."""
+    if image.get("snapshots"):
+        return ("size is %d, declared larger, and the image has %d internal snapshot(s): their "
+                "L2 tables are shared and not copied in place, so it is not grown (delete the "
+                "snapshots first, or use qemu-img resize)"
+                % (image["virtual_size"], image["snapshots"]))
+    if image.get("backing_file") and image["virtual_size"] % image["cluster_size"]:
+        return ("size is %d, declared larger, and that size is not a multiple of the cluster "
+                "size %d while the image has a backing file: its last cluster mixes backing "
+                "bytes with bytes past the end, so it is not grown in place"
+                % (image["virtual_size"], image["cluster_size"]))
+    return None
 
 
 def _show(value):

@@ -1,21 +1,37 @@
 # Copyright (c) 2026 vdisk.qcow2 developers
 # GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
 # SPDX-License-Identifier: GPL-3.0-or-later
-"""Changing an existing image in place: grow its virtual size, raise its preallocation.
+"""Changing an existing image in place: grow its virtual size, map its clusters (raise
+preallocation), allocate its data clusters.
 
-Every change follows one order, so that a crash at any point leaves an image qemu-img check
-accepts (at worst with leaked clusters, never with a corruption):
+Every change opens the image through `editor.editing` (locks, guard, consistency check) and is
+planned before the first write by `plan_map`, a pure function of the open image that decides
+each L2 entry with `GuestView.decide`. Those rules keep what the guest reads:
+
+- in the old range, [0, old size), every byte reads as before: a cluster that reads from the
+  backing file is never given a host cluster unless extended L2 keeps its subclusters
+  unallocated; zero clusters keep their zero flag; compressed and allocated clusters are kept;
+- in the grown range every byte reads zeros: with a backing file (whose length is not read) new
+  clusters get the zero flag or the extended-L2 zero bits, stale entries past the old end are
+  turned into zero clusters, and the unused tail of the old last cluster is zeroed;
+- fresh host clusters read zeros: appended past the end of a file, or, on a block device, given
+  the zero flag or written with zeros.
+
+A change the rules cannot make is refused before anything is written. Internal snapshots: L2
+tables shared with a snapshot are never copied, so growing an image with snapshots, and mapping
+clusters of one, are refused (allocating already mapped clusters is allowed).
+
+Writes follow one order, so that a crash at any point leaves an image qemu-img check accepts (at
+worst with leaked clusters at the end, which the next run reclaims):
 
 1. new clusters are appended past everything in use and counted first: new refcount blocks
    (and a new, larger refcount table, switched in with one header write) give them refcount
    1 before anything points at them;
 2. new L2 tables and data clusters are written (and allocated on disk per mode);
-3. L1 entries are written (a relocated L1 is switched in with one header write);
+3. existing L2 tables are patched, then L1 entries are written (a relocated L1 is switched in
+   with one header write);
 4. the virtual size is written last;
 5. clusters no longer used (an old L1, an old refcount table) are released.
-
-Each step is made durable with fsync before the next begins. The image is held with QEMU's
-write locks for the whole operation, and refused if a QEMU holds it.
 """
 
 import os
@@ -24,222 +40,312 @@ import struct
 from . import constants as C
 from . import fileops
 from .allocator import div_round_up
+from .editor import editing
 from .errors import Qcow2Error
-from .header import decode_cluster0
-from .refcounts import get_refcount, last_nonzero, set_range
+from .l2runs import (COMPRESSED, L2_BITMAP_ALL_ALLOC, L2_BITMAP_ALL_ZERO, NORMAL, UNALLOCATED,
+                     ZERO_ALLOC, ZERO_PLAIN, zeros)
+from .refcounts import set_range
 from .tables import progression
 
-_READ_LIMIT = 32 * 1024 * 1024
+PREALLOC = ("metadata", "falloc", "full")
 
 
-class Editor(object):
-    """An open image with its L1 and refcount table in memory, ready for appends."""
+# ---------------------------------------------------------------------------------------------
+# The guest-view rules
 
-    def __init__(self, fd, path):
-        self.fd = fd
-        self.path = path
-        st = os.fstat(fd)
-        self.file_size = st.st_size
-        head = os.pread(fd, 2 * 1024 * 1024, 0)
-        hdr, exts, backing = decode_cluster0(head)
-        self.header = hdr
-        self.extensions = exts
-        self.backing = backing
-        self._refuse_unsafe()
-        self.cs = hdr.cluster_size
-        self.order = hdr.refcount_order
-        self.rb_entries = self.cs * 8 >> self.order
-        self.entry_size = C.l2_entry_size(hdr.incompatible_features & C.INCOMPAT_EXTL2)
-        self.per_l2 = self.cs // self.entry_size
-        self.external = bool(hdr.incompatible_features & C.INCOMPAT_DATA_FILE)
-        self.l1 = self._read_entries(hdr.l1_table_offset, hdr.l1_size, "L1 table")
-        reft_entries = hdr.refcount_table_clusters * self.cs // 8
-        if hdr.refcount_table_clusters * self.cs > C.MAX_REFTABLE_BYTES:
-            raise Qcow2Error("%s: refcount table larger than 8 MiB" % path, path=path)
-        self.reftable = self._read_entries(hdr.refcount_table_offset, reft_entries,
-                                           "refcount table")
-        self._blocks = {}
 
-    # ------------------------------------------------------------------ reading
-    def _refuse_unsafe(self):
-        hdr = self.header
-        name = self.path
-        if hdr.incompatible_features & ~C.INCOMPAT_MASK:
-            raise Qcow2Error("%s: unknown incompatible features %#x; refusing to modify"
-                             % (name, hdr.incompatible_features & ~C.INCOMPAT_MASK), path=name)
-        if hdr.incompatible_features & C.INCOMPAT_DIRTY:
-            raise Qcow2Error("%s: the image is marked dirty (lazy refcounts not yet repaired); "
-                             "run 'qemu-img check -r all' before changing it" % name, path=name)
-        if hdr.incompatible_features & C.INCOMPAT_CORRUPT:
-            raise Qcow2Error("%s: the image is marked corrupt; refusing to modify it" % name,
-                             path=name)
-        if hdr.crypt_method:
-            raise Qcow2Error("%s: encrypted images are not modified by this engine" % name,
-                             path=name)
+class Change(object):
+    """What a run of L2 entries becomes.
 
-    def _read_entries(self, offset, count, what):
-        if count == 0:
-            return []
-        nbytes = count * 8
-        if nbytes > _READ_LIMIT or offset % self.cs or offset + nbytes > max(self.file_size,
-                                                                             offset + 8) + self.cs:
-            raise Qcow2Error("%s: %s at offset %d with %d entries is not plausible"
-                             % (self.path, what, offset, count), path=self.path)
-        data = os.pread(self.fd, nbytes, offset)
-        data += bytes(nbytes - len(data))
-        return list(struct.unpack(">%dQ" % count, data))
+    kind "map": each entry gets a fresh host cluster, its descriptor ORed with `flags`;
+    kind "set": each entry's descriptor is ORed with `flags` (host offsets kept).
+    `bitmap` replaces the extended-L2 bitmap (None keeps it).
+    """
 
-    def refblock(self, index):
-        """The refcount block for reftable index `index` as a bytearray, or None."""
-        if index in self._blocks:
-            return self._blocks[index]
-        if index >= len(self.reftable) or not self.reftable[index] & C.REFT_OFFSET_MASK:
+    __slots__ = ("kind", "flags", "bitmap")
+
+    def __init__(self, kind, flags=0, bitmap=None):
+        self.kind = kind
+        self.flags = flags
+        self.bitmap = bitmap
+
+
+class GuestView(object):
+    """Decides L2 entries so that the guest reads the same in the old range and zeros beyond.
+
+    `img` is an open image (image.Image or editor.Editor); `mode` the preallocation wanted for
+    the range; `first_grown` the first guest cluster that lies wholly past the old end.
+    """
+
+    def __init__(self, img, mode, first_grown, device=False):
+        self.img = img
+        self.path = img.path
+        self.prealloc = mode in PREALLOC
+        self.v2 = img.header.version < 3
+        self.extl2 = img.extended_l2
+        self.backing = bool(img.backing_file)
+        self.device = device
+        self.external = img.has_data_file
+        self.first_grown = first_grown
+        # Fresh clusters on a device hold old bytes: zero them or flag them.
+        self.zero_data = device and (self.v2 or mode in ("falloc", "full"))
+        self.fresh_flag = C.OFLAG_ZERO if device and not self.zero_data and not self.extl2 \
+            else 0
+
+    def refuse(self, guest, why):
+        raise Qcow2Error("%s: %s (guest offset %d); the image is not modified"
+                         % (self.path, why, guest * self.img.cluster_size), path=self.path)
+
+    def decide(self, guest, desc, bitmap):
+        """None (keep) or a Change for the entry of guest cluster `guest`."""
+        ctype = self.img.cluster_type(desc)
+        if guest < self.first_grown:
+            return self._old(guest, ctype, bitmap)
+        return self._grown(guest, ctype, bitmap)
+
+    def _old(self, guest, ctype, bitmap):
+        if not self.prealloc or ctype in (NORMAL, ZERO_ALLOC, COMPRESSED):
             return None
-        offset = self.reftable[index] & C.REFT_OFFSET_MASK
-        data = bytearray(os.pread(self.fd, self.cs, offset))
-        data += bytes(self.cs - len(data))
-        self._blocks[index] = data
-        return data
+        if self.extl2:
+            if bitmap & L2_BITMAP_ALL_ALLOC:
+                self.refuse(guest, "an unallocated extended L2 entry has allocated subclusters")
+            # Mapped with every subcluster left unallocated (or zero, as it was): reads still
+            # go to the backing file, or read zeros.
+            return Change("map")
+        if ctype == ZERO_PLAIN:
+            return Change("map", C.OFLAG_ZERO)
+        if self.backing:
+            self.refuse(guest, "this cluster reads from the backing file, and mapping it would "
+                               "hide the backing file's bytes from the guest (an overlay without "
+                               "extended_l2 cannot be preallocated)")
+        if self.v2 and self.device and not self.zero_data:
+            self.refuse(guest, "internal error: unflagged fresh cluster on a device")
+        return Change("map", self.fresh_flag)
 
-    def refcount(self, cluster):
-        block = self.refblock(cluster // self.rb_entries)
-        if block is None:
-            return 0
-        return get_refcount(block, cluster % self.rb_entries, self.order)
-
-    def first_free_cluster(self):
-        """The first cluster past the file's end and past every refcounted cluster."""
-        end = div_round_up(self.file_size, self.cs)
-        for index in range(len(self.reftable) - 1, -1, -1):
-            block = self.refblock(index)
-            if block is None:
-                continue
-            last = last_nonzero(block, self.order, self.rb_entries)
-            if last >= 0:
-                end = max(end, index * self.rb_entries + last + 1)
-                break
-        return end
-
-    def read_l2(self, l1_index):
-        entry = self.l1[l1_index]
-        offset = entry & C.L1E_OFFSET_MASK
-        if not offset:
+    def _grown(self, guest, ctype, bitmap):
+        zero_bits = self.extl2 and self.backing
+        if ctype == COMPRESSED:
+            self.refuse(guest, "a compressed cluster lies past the image's end; growing would "
+                               "make its stale bytes visible")
+        if ctype in (NORMAL, ZERO_ALLOC):
+            if ctype == ZERO_ALLOC or (self.extl2 and bitmap == L2_BITMAP_ALL_ZERO):
+                return None
+            # A stale data cluster past the end: keep it allocated, read zeros.
+            if self.extl2:
+                return Change("set", 0, L2_BITMAP_ALL_ZERO)
+            if self.v2:
+                self.refuse(guest, "a data cluster lies past the end of a compat 0.10 image, "
+                                   "which has no zero clusters to hide it")
+            return Change("set", C.OFLAG_ZERO)
+        # Unallocated or zero (no host cluster).
+        if self.prealloc:
+            if self.extl2:
+                return Change("map", 0, L2_BITMAP_ALL_ZERO if zero_bits else None)
+            return Change("map", C.OFLAG_ZERO if ctype == ZERO_PLAIN else self.fresh_flag)
+        if ctype == ZERO_PLAIN or not self.backing:
             return None
-        if offset + self.cs > self.file_size:
-            raise Qcow2Error("%s: L2 table at %d lies past the end of the file"
-                             % (self.path, offset), path=self.path)
-        return os.pread(self.fd, self.cs, offset)
-
-    # ------------------------------------------------------------------ writing
-    def pwrite(self, offset, data):
-        view = memoryview(data)
-        while view:
-            n = os.pwrite(self.fd, view, offset)
-            view = view[n:]
-            offset += n
-
-    def sync(self):
-        os.fsync(self.fd)
-
-    def write_chunks(self, offset, chunks):
-        buf = []
-        size = 0
-        for piece in chunks:
-            buf.append(piece)
-            size += len(piece)
-            if size >= 8 * 1024 * 1024:
-                self.pwrite(offset, b"".join(buf))
-                offset += size
-                buf, size = [], 0
-        if buf:
-            self.pwrite(offset, b"".join(buf))
-
-    def release(self, first, count):
-        """Drop the refcount of `count` clusters from `first` to zero (they become free)."""
-        touched = {}
-        for cluster in range(first, first + count):
-            index = cluster // self.rb_entries
-            block = self.refblock(index)
-            if block is None:
-                continue
-            set_range(block, cluster % self.rb_entries, cluster % self.rb_entries + 1, 0,
-                      self.order)
-            touched[index] = block
-        for index, block in touched.items():
-            self.pwrite(self.reftable[index] & C.REFT_OFFSET_MASK, bytes(block))
+        if self.extl2:
+            return None if bitmap == L2_BITMAP_ALL_ZERO else Change("set", 0, L2_BITMAP_ALL_ZERO)
+        if self.v2:
+            # No zero flag in compat 0.10: a fresh host cluster (zeros) hides the backing file.
+            return Change("map", self.fresh_flag)
+        return Change("set", C.OFLAG_ZERO)
 
 
-def _l1_entries(size, cs, entry_size):
-    return div_round_up(div_round_up(size, cs), cs // entry_size)
+# ---------------------------------------------------------------------------------------------
+# The plan
 
 
-def open_locked(path):
-    """Open an image read-write and hold QEMU's writer locks; refuse if a QEMU holds it."""
-    from .lock import WriteLock  # imported late: lock.py is Linux-only at call time
-    try:
-        fd = os.open(path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
-    except OSError as exc:
-        raise Qcow2Error("%s: cannot open the image for writing: %s" % (path, exc.strerror),
-                         path=path)
-    try:
-        lock = WriteLock(fd)
-        lock.__enter__()
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd, lock
+class MapPlan(object):
+    """The L2 work of a change: runs [(lo, hi, Change)] per L1 index, split into tables to
+    create and tables to patch, and the number of fresh data clusters they need."""
+
+    def __init__(self):
+        self.new_tables = {}     # l1 index -> [(lo, hi, Change)] (an empty table today)
+        self.patches = {}        # l1 index -> [(lo, hi, Change)] (entries of an existing table)
+        self.to_map = 0
+        self.tail = None         # (host offset, length, zero_it) of the old last cluster's tail
+
+    @property
+    def changes(self):
+        return bool(self.new_tables or self.patches or self.tail)
 
 
-def close_locked(fd, lock):
-    try:
-        lock.__exit__(None, None, None)
-    finally:
-        os.close(fd)
+def plan_map(img, first, last, view):
+    """Decide every L2 entry of guest clusters [first, last) (pure: reads the image only)."""
+    plan = MapPlan()
+    per_l2 = img.l2_entries
+    for l1_index in range(first // per_l2, div_round_up(last, per_l2)):
+        lo = max(first, l1_index * per_l2)
+        hi = min(last, (l1_index + 1) * per_l2)
+        base = l1_index * per_l2
+        entry = img.l1_entry(l1_index)
+        l2_off = entry & C.L1E_OFFSET_MASK
+        runs = []
+        if not l2_off:
+            for a, b in _split(lo, hi, view.first_grown):
+                change = view.decide(a, 0, 0)
+                if change is not None:
+                    runs.append((a, b, change, 0, 0))
+            if runs:
+                plan.new_tables[l1_index] = runs
+                plan.to_map += _mapped(runs)
+            continue
+        table = img.read_l2(l2_off)
+        for idx, n, desc, bitmap in img.l2_runs(table):
+            for a, b in _split(max(lo, base + idx), min(hi, base + idx + n), view.first_grown):
+                if a >= b:
+                    continue
+                # Allocated entries of a run are consecutive: entry a is desc + (a - first)*cs.
+                first_desc = desc + ((a - base - idx) * img.cluster_size
+                                     if desc & C.L2E_OFFSET_MASK else 0)
+                change = view.decide(a, first_desc, bitmap)
+                if change is not None:
+                    runs.append((a, b, change, first_desc, bitmap))
+        if runs:
+            if not entry & C.OFLAG_COPIED:
+                raise Qcow2Error("%s: L2 table %d is shared with an internal snapshot; tables "
+                                 "shared with a snapshot are not copied, so the change is refused "
+                                 "and the image is not modified" % (img.path, l1_index),
+                                 path=img.path)
+            plan.patches[l1_index] = runs
+            plan.to_map += _mapped(runs)
+    return plan
+
+
+def _mapped(runs):
+    return sum(hi - lo for lo, hi, change, _d, _b in runs if change.kind == "map")
+
+
+def _split(lo, hi, boundary):
+    if lo < boundary < hi:
+        return ((lo, boundary), (boundary, hi))
+    return ((lo, hi),)
+
+
+def plan_tail(img, old_size, new_size, mode):
+    """The old last cluster when the old size is not cluster-aligned: its bytes past the old
+    end must read zeros after the grow (and be allocated for falloc/full). Returns
+    (host offset, length, zero_it) or None; refuses what cannot be made so."""
+    cs = img.cluster_size
+    if not old_size % cs or old_size >= new_size:
+        return None
+    guest = old_size // cs
+    if img.backing_file:
+        raise Qcow2Error("%s: the old size %d is not a multiple of the cluster size %d and the "
+                         "image has a backing file: the last cluster mixes backing bytes with "
+                         "bytes past the end, which this engine does not split; growing in "
+                         "place is refused and the image is not modified"
+                         % (img.path, old_size, cs), path=img.path)
+    l2_off = img.l1_entry(guest // img.l2_entries) & C.L1E_OFFSET_MASK
+    if not l2_off:
+        return None
+    pos = (guest % img.l2_entries) * img.l2_entry_size
+    desc = struct.unpack_from(">Q", img.read_l2(l2_off), pos)[0]
+    ctype = img.cluster_type(desc)
+    if ctype == COMPRESSED:
+        raise Qcow2Error("%s: the last cluster is compressed and the old size %d is not a "
+                         "multiple of the cluster size: its bytes past the end cannot be "
+                         "zeroed in place; the image is not modified" % (img.path, old_size),
+                         path=img.path)
+    if ctype != NORMAL or img.has_data_file:
+        return None
+    host = desc & C.L2E_OFFSET_MASK
+    skip = old_size % cs
+    length = cs - skip
+    zero_it = img.read(host + skip, length) != zeros(length)
+    if zero_it and img.refcount(host // cs) != 1:
+        raise Qcow2Error("%s: the last cluster is shared and holds bytes past the old end; "
+                         "the image is not modified" % img.path, path=img.path)
+    if not zero_it and mode not in ("falloc", "full"):
+        return None
+    return (host + skip, length, zero_it)
+
+
+def plan_grow(img, new_size, mode, device=False):
+    """Validate a grow and plan it (pure). Returns (old size, new size, MapPlan or None)."""
+    old_size = img.header.size
+    new_size = (new_size + 511) // 512 * 512
+    cs = img.cluster_size
+    if new_size < old_size:
+        raise Qcow2Error("size: %d is smaller than the image's %d bytes; shrinking would "
+                         "discard guest data and is refused" % (new_size, old_size),
+                         option="size", path=img.path)
+    limit = C.max_virtual_size(cs, img.extended_l2)
+    if new_size > limit:
+        raise Qcow2Error("size: %d bytes exceeds the maximum of %d for this image's cluster "
+                         "size" % (new_size, limit), option="size", path=img.path)
+    if new_size == old_size:
+        return old_size, new_size, None
+    if img.header.nb_snapshots:
+        raise Qcow2Error("%s: the image has %d internal snapshot(s); their L2 tables are shared "
+                         "and not copied by this engine, so growing in place is refused and the "
+                         "image is not modified (delete them with 'qemu-img snapshot -d', or use "
+                         "'qemu-img resize')" % (img.path, img.header.nb_snapshots),
+                         path=img.path)
+    first_grown = div_round_up(old_size, cs)
+    tail = plan_tail(img, old_size, new_size, mode)
+    view = GuestView(img, mode, first_grown, device)
+    # The old last cluster is mapped too when it has no host cluster and the mode maps.
+    first = old_size // cs if mode in PREALLOC else first_grown
+    plan = plan_map(img, first, div_round_up(new_size, cs), view)
+    plan.tail = tail
+    plan.view = view
+    return old_size, new_size, plan
+
+
+def plan_fill(img, mode, device=False):
+    """Plan mapping every unmapped guest cluster (off -> metadata and above); pure."""
+    if img.has_data_file:
+        raise Qcow2Error("%s: the data lives in an external data file; its clusters are not "
+                         "mapped in place" % img.path, path=img.path)
+    size = img.header.size
+    view = GuestView(img, mode, div_round_up(size, img.cluster_size), device)
+    plan = plan_map(img, 0, div_round_up(size, img.cluster_size), view)
+    if plan.changes and img.header.nb_snapshots:
+        raise Qcow2Error("%s: the image has %d internal snapshot(s) and unmapped clusters; the "
+                         "L2 tables it shares with them are not copied by this engine, so "
+                         "mapping its clusters is refused and the image is not modified"
+                         % (img.path, img.header.nb_snapshots), path=img.path)
+    plan.view = view
+    return plan
+
+
+# ---------------------------------------------------------------------------------------------
+# Applying
 
 
 def grow(path, new_size, mode="off", data_file_path=None):
-    """Raise the virtual size to `new_size` and map the new range per `mode`.
-
-    Returns a dict describing what was done. Shrinking is refused.
-    """
-    fd, lock = open_locked(path)
-    try:
-        ed = Editor(fd, path)
-        old_size = ed.header.size
-        new_size = (new_size + 511) // 512 * 512
-        if new_size < old_size:
-            raise Qcow2Error("size: %d is smaller than the image's %d bytes; shrinking would "
-                             "discard guest data and is refused" % (new_size, old_size),
-                             option="size", path=path)
-        limit = C.max_virtual_size(ed.cs, ed.entry_size == 16)
-        if new_size > limit:
-            raise Qcow2Error("size: %d bytes exceeds the maximum of %d for this image's "
-                             "cluster size" % (new_size, limit), option="size", path=path)
-        if new_size == old_size:
+    """Raise the virtual size to `new_size`; the new range reads zeros, mapped per `mode`."""
+    with editing(path) as ed:
+        old_size, new_size, plan = plan_grow(ed, new_size, mode, ed.device)
+        if plan is None:
             return {"changed": False, "old_size": old_size, "new_size": new_size}
-        first = div_round_up(old_size, ed.cs)
-        last = div_round_up(new_size, ed.cs)
-        result = _map_range(ed, first, last, mode, new_size)
+        l1_needed = _l1_entries(new_size, ed.cs, ed.entry_size)
+        result = _apply_map(ed, plan, mode, l1_needed)
         if ed.external and data_file_path:
             _grow_data_file(data_file_path, old_size, new_size, mode, result)
         # The size goes in last: until now the image was valid at its old size.
         ed.pwrite(24, struct.pack(">Q", new_size))
         ed.sync()
+        ed.done.append("grew the virtual size from %d to %d" % (old_size, new_size))
         result.update({"changed": True, "old_size": old_size, "new_size": new_size})
         return result
-    finally:
-        close_locked(fd, lock)
 
 
 def fill(path, mode="metadata"):
     """Map every unmapped guest cluster of the image (off -> metadata/falloc/full)."""
-    fd, lock = open_locked(path)
-    try:
-        ed = Editor(fd, path)
-        clusters = div_round_up(ed.header.size, ed.cs)
-        return _map_range(ed, 0, clusters, mode, ed.header.size)
-    finally:
-        close_locked(fd, lock)
+    with editing(path) as ed:
+        plan = plan_fill(ed, mode, ed.device)
+        if not plan.changes:
+            return {"method": "none", "mapped_clusters": 0, "new_l2_tables": 0}
+        result = _apply_map(ed, plan, mode, len(ed.l1))
+        ed.done.append("mapped %d cluster(s)" % plan.to_map)
+        return result
+
+
+def _l1_entries(size, cs, entry_size):
+    return div_round_up(div_round_up(size, cs), cs // entry_size)
 
 
 def _grow_data_file(data_path, old_size, new_size, mode, result):
@@ -270,57 +376,18 @@ def _zero_unbacked(fd, offset, length):
         write_zeros(fd, off, seg_len)
 
 
-def _map_range(ed, first, last, mode, new_size):
-    """Map guest clusters [first, last) per `mode` and make the L1 big enough for new_size."""
-    hdr = ed.header
+def _solve_append(ed, payload):
+    """Where `payload` appended clusters go, and the refcount blocks (and table) they need,
+    solved to a fixed point. Returns (start, end, needed block indices, table clusters)."""
     cs = ed.cs
-    new_l1_size = max(hdr.l1_size, _l1_entries(new_size, cs, ed.entry_size))
-    old_l1_clusters = div_round_up(hdr.l1_size * 8, cs) if hdr.l1_size else 0
-    new_l1_clusters = div_round_up(new_l1_size * 8, cs)
-    relocate_l1 = new_l1_clusters > old_l1_clusters
-
-    prealloc = mode in ("metadata", "falloc", "full")
-    new_tables = []          # L1 indices that get a fresh L2 table
-    patches = {}             # L1 index -> list of guest clusters to map in an existing table
-    to_map = 0
-    if prealloc and last > first:
-        for l1_index in range(first // ed.per_l2, div_round_up(last, ed.per_l2)):
-            lo = max(first, l1_index * ed.per_l2)
-            hi = min(last, (l1_index + 1) * ed.per_l2)
-            entry = ed.l1[l1_index] if l1_index < len(ed.l1) else 0
-            if not entry & C.L1E_OFFSET_MASK:
-                new_tables.append(l1_index)
-                to_map += hi - lo
-                continue
-            if not entry & C.OFLAG_COPIED:
-                raise Qcow2Error("%s: L2 table %d is shared with a snapshot; refusing to "
-                                 "modify it" % (ed.path, l1_index), path=ed.path)
-            table = ed.read_l2(l1_index)
-            missing = []
-            for guest in range(lo, hi):
-                pos = (guest - l1_index * ed.per_l2) * ed.entry_size
-                value = struct.unpack_from(">Q", table, pos)[0]
-                if not value & C.L2E_OFFSET_MASK and not value & C.OFLAG_COMPRESSED:
-                    if not (ed.external and value & C.OFLAG_COPIED):
-                        missing.append(guest)
-            if missing:
-                patches[l1_index] = missing
-                to_map += len(missing)
-    data_clusters = 0 if ed.external else to_map
-
-    # Layout of the appended area, solved to a fixed point for the refcount structures.
     start = ed.first_free_cluster()
-    payload = (new_l1_clusters if relocate_l1 else 0) + len(new_tables) + data_clusters
-    n_blocks = 0
-    reft_clusters = 0
+    n_blocks = reft_clusters = 0
     while True:
         end = start + payload + n_blocks + reft_clusters
         needed = [i for i in range(start // ed.rb_entries, div_round_up(end, ed.rb_entries))
                   if not (i < len(ed.reftable) and ed.reftable[i] & C.REFT_OFFSET_MASK)]
         max_index = div_round_up(end, ed.rb_entries) - 1
-        new_reft = 0
-        if max_index >= len(ed.reftable):
-            new_reft = div_round_up((max_index + 1) * 8, cs)
+        new_reft = div_round_up((max_index + 1) * 8, cs) if max_index >= len(ed.reftable) else 0
         if len(needed) == n_blocks and new_reft == reft_clusters:
             break
         n_blocks, reft_clusters = len(needed), new_reft
@@ -330,101 +397,163 @@ def _map_range(ed, first, last, mode, new_size):
     if end * cs >= C.MAX_HOST_OFFSET:
         raise Qcow2Error("size: the image file would exceed the qcow2 offset limit",
                          option="size", path=ed.path)
+    if ed.device and end * cs > ed.file_size:
+        raise Qcow2Error("%s: the block device holds %d bytes and the change needs %d; the "
+                         "image is not modified" % (ed.path, ed.file_size, end * cs),
+                         path=ed.path)
+    return start, end, needed, reft_clusters
+
+
+def _run_bytes(change, n, desc, bitmap, host, esz, cs):
+    """The new bytes of n entries whose first old entry is (desc, bitmap): allocated old
+    entries are consecutive (desc + k*cs), others all alike; `host` is the first fresh host
+    cluster for a "map"."""
+    tail = change.bitmap if change.bitmap is not None else bitmap
+    if change.kind == "map":
+        first = host | C.OFLAG_COPIED | change.flags | (desc & C.OFLAG_ZERO)
+        step = cs
+    else:
+        first = desc | change.flags
+        step = cs if desc & C.L2E_OFFSET_MASK else 0
+    if step == 0:
+        entry = struct.pack(">Q", first) + (struct.pack(">Q", tail) if esz == 16 else b"")
+        return entry * n
+    return b"".join(progression(first, step, n, esz, tail))
+
+
+def _apply_map(ed, plan, mode, l1_needed):
+    """Write a MapPlan in the crash-safe order; returns a result dict."""
+    cs = ed.cs
+    esz = ed.entry_size
+    hdr = ed.header
+    view = plan.view
+    new_l1_size = max(hdr.l1_size, l1_needed)
+    old_l1_clusters = div_round_up(hdr.l1_size * 8, cs) if hdr.l1_size else 0
+    new_l1_clusters = div_round_up(new_l1_size * 8, cs)
+    relocate_l1 = new_l1_clusters > old_l1_clusters
+    data_clusters = 0 if ed.external else plan.to_map
+    new_tables = sorted(plan.new_tables)
+
+    payload = (new_l1_clusters if relocate_l1 else 0) + len(new_tables) + data_clusters
+    start, end, needed, reft_clusters = _solve_append(ed, payload)
     at = start
     l1_at = None
     if relocate_l1:
         l1_at, at = at, at + new_l1_clusters
     l2_at, at = at, at + len(new_tables)
     data_at, at = at, at + data_clusters
-    blocks_at, at = at, at + n_blocks
-    reft_at = at
+    blocks_at = at
+    reft_at = at + len(needed)
 
     # Step 1: count every new cluster before anything refers to it.
     if end > start:
         _count_clusters(ed, start, end, needed, blocks_at, reft_at, reft_clusters)
 
-    # Step 2: L2 tables and data.
-    flags = C.OFLAG_COPIED
-    next_data = data_at
-    l2_offsets = {}
-    for k, l1_index in enumerate(new_tables):
-        lo = max(first, l1_index * ed.per_l2)
-        hi = min(last, (l1_index + 1) * ed.per_l2)
-        head = (lo - l1_index * ed.per_l2) * ed.entry_size
-        if ed.external:
-            first_value = (lo * cs) | flags
-        else:
-            first_value = (next_data * cs) | flags
-            next_data += hi - lo
-        body = b"".join(progression(first_value, cs, hi - lo, ed.entry_size))
-        table = bytes(head) + body
-        table += bytes(cs - len(table))
-        l2_offsets[l1_index] = (l2_at + k) * cs
-        ed.pwrite((l2_at + k) * cs, table)
-    for l1_index in sorted(patches):
-        table = bytearray(ed.read_l2(l1_index))
-        for guest in patches[l1_index]:
-            pos = (guest - l1_index * ed.per_l2) * ed.entry_size
-            old = struct.unpack_from(">Q", table, pos)[0]
-            host = guest * cs if ed.external else next_data * cs
-            if not ed.external:
-                next_data += 1
-            struct.pack_into(">Q", table, pos, host | flags | (old & C.OFLAG_ZERO))
-        patches[l1_index] = table
-    result = {"method": "none", "mapped_clusters": to_map, "new_l2_tables": len(new_tables)}
-    if data_clusters and mode in ("falloc", "full"):
+    # Step 2: data clusters, new L2 tables, the old last cluster's tail.
+    next_data = [data_at]
+
+    def run_bytes(lo, hi, change, desc, bitmap):
+        host = 0
+        if change.kind == "map":
+            if ed.external:
+                host = lo * cs
+            else:
+                host = next_data[0] * cs
+                next_data[0] += hi - lo
+        return _run_bytes(change, hi - lo, desc, bitmap, host, esz, cs)
+
+    result = {"method": "none", "mapped_clusters": plan.to_map,
+              "new_l2_tables": len(new_tables)}
+    if end * cs > ed.file_size and not ed.device:
+        ed.truncate(end * cs)
+    if data_clusters:
         from .writer import WriteResult, allocate
         wr = WriteResult()
-        allocate(ed.fd, data_at * cs, data_clusters * cs, mode, wr)
-        result["method"] = wr.method
-    if end * cs > ed.file_size:
-        os.ftruncate(ed.fd, end * cs)
-        ed.file_size = end * cs
+        if view.zero_data:
+            allocate(ed.fd, data_at * cs, data_clusters * cs, "full", wr, device=True)
+            result["method"] = wr.method
+        elif mode in ("falloc", "full") and not ed.device:
+            allocate(ed.fd, data_at * cs, data_clusters * cs, mode, wr)
+            result["method"] = wr.method
+        ed.modified = True
+    l2_offsets = {}
+    for k, l1_index in enumerate(new_tables):
+        base = l1_index * ed.per_l2
+        table = bytearray(cs)
+        for lo, hi, change, desc, bitmap in plan.new_tables[l1_index]:
+            table[(lo - base) * esz:(hi - base) * esz] = run_bytes(lo, hi, change, desc, bitmap)
+        l2_offsets[l1_index] = (l2_at + k) * cs
+        ed.pwrite((l2_at + k) * cs, table)
+    if plan.tail is not None:
+        _apply_tail(ed, plan.tail, mode, result)
     ed.sync()
-    # Existing L2 tables are patched only now that their new data clusters exist.
-    for l1_index, table in patches.items():
-        ed.pwrite(ed.l1[l1_index] & C.L1E_OFFSET_MASK, bytes(table))
-    if patches:
-        ed.sync()
 
-    # Step 3: the L1 table.
+    # Step 3: existing L2 tables, now that their new data clusters exist; then the L1.
+    for l1_index in sorted(plan.patches):
+        table = bytearray(ed.l2_table(l1_index))
+        base = l1_index * ed.per_l2
+        for lo, hi, change, desc, bitmap in plan.patches[l1_index]:
+            table[(lo - base) * esz:(hi - base) * esz] = run_bytes(lo, hi, change, desc, bitmap)
+        ed.pwrite(ed.l1[l1_index] & C.L1E_OFFSET_MASK, bytes(table))
+    if plan.patches:
+        ed.sync()
+    _write_l1(ed, new_l1_size, l1_at, new_l1_clusters, old_l1_clusters, relocate_l1,
+              l2_offsets)
+    result["appended_clusters"] = end - start
+    return result
+
+
+def _apply_tail(ed, tail, mode, result):
+    offset, length, zero_it = tail
+    from .writer import write_zeros
+    if zero_it:
+        write_zeros(ed.fd, offset, length)
+        ed.modified = True
+    if mode == "full" and not ed.device:
+        _zero_unbacked(ed.fd, offset, length)
+    elif mode == "falloc" and not ed.device:
+        try:
+            fileops.fallocate(ed.fd, offset, length)
+        except OSError as exc:
+            if not fileops.is_not_supported(exc):
+                raise
+            _zero_unbacked(ed.fd, offset, length)
+    result["tail_bytes"] = length
+
+
+def _write_l1(ed, new_l1_size, l1_at, new_l1_clusters, old_l1_clusters, relocate_l1,
+              l2_offsets):
+    cs = ed.cs
+    hdr = ed.header
     new_l1 = list(ed.l1) + [0] * (new_l1_size - len(ed.l1))
     for l1_index, offset in l2_offsets.items():
         new_l1[l1_index] = offset | C.OFLAG_COPIED
-    old_l1_offset = ed.header.l1_table_offset
+    old_l1_offset = hdr.l1_table_offset
+    old_l1_size = hdr.l1_size
     if relocate_l1:
         data = struct.pack(">%dQ" % new_l1_size, *new_l1)
         ed.pwrite(l1_at * cs, data + bytes(new_l1_clusters * cs - len(data)))
         ed.sync()
         ed.pwrite(36, struct.pack(">IQ", new_l1_size, l1_at * cs))
         ed.sync()
-        ed.header.l1_table_offset = l1_at * cs
+        hdr.l1_table_offset = l1_at * cs
     else:
-        if new_l1_size > hdr.l1_size:
-            tail = new_l1[hdr.l1_size:]
-            ed.pwrite(old_l1_offset + 8 * hdr.l1_size, struct.pack(">%dQ" % len(tail), *tail))
+        if new_l1_size > old_l1_size:
+            tail = new_l1[old_l1_size:]
+            ed.pwrite(old_l1_offset + 8 * old_l1_size, struct.pack(">%dQ" % len(tail), *tail))
         for l1_index in sorted(l2_offsets):
-            if l1_index < hdr.l1_size:
+            if l1_index < old_l1_size:
                 ed.pwrite(old_l1_offset + 8 * l1_index, struct.pack(">Q", new_l1[l1_index]))
         ed.sync()
-        if new_l1_size != hdr.l1_size:
+        if new_l1_size != old_l1_size:
             ed.pwrite(36, struct.pack(">I", new_l1_size))
             ed.sync()
-    old_l1_size = hdr.l1_size
-    ed.header.l1_size = new_l1_size
+    hdr.l1_size = new_l1_size
     ed.l1 = new_l1
-
-    # Step 5 (after the caller's size write is fine too): release what is no longer used.
-    released = 0
+    # Step 5: release what is no longer used.
     if relocate_l1 and old_l1_size:
         ed.release(old_l1_offset // cs, old_l1_clusters)
-        released += old_l1_clusters
-    if reft_clusters:
-        pass  # released inside _count_clusters right after the switch
-    if released:
         ed.sync()
-    result["appended_clusters"] = end - start
-    return result
 
 
 def _count_clusters(ed, start, end, needed, blocks_at, reft_at, reft_clusters):
@@ -434,7 +563,6 @@ def _count_clusters(ed, start, end, needed, blocks_at, reft_at, reft_clusters):
     new_entries = {}
     for k, index in enumerate(needed):
         new_entries[index] = (blocks_at + k) * cs
-    # Patch existing blocks that cover part of the range.
     first_index = start // ed.rb_entries
     last_index = div_round_up(end, ed.rb_entries) - 1
     for index in range(first_index, last_index + 1):
@@ -446,7 +574,7 @@ def _count_clusters(ed, start, end, needed, blocks_at, reft_at, reft_clusters):
             ed.pwrite(new_entries[index], bytes(block))
             ed._blocks[index] = block
         else:
-            block = ed.refblock(index)
+            block = ed.block_at(index)
             set_range(block, lo, hi, 1, ed.order)
             ed.pwrite(ed.reftable[index] & C.REFT_OFFSET_MASK, bytes(block))
     ed.sync()
@@ -471,27 +599,34 @@ def _count_clusters(ed, start, end, needed, blocks_at, reft_at, reft_clusters):
         ed.sync()
 
 
+# ---------------------------------------------------------------------------------------------
+# Allocating mapped clusters (metadata -> falloc -> full)
+
+
 def raise_allocation(path, mode):
     """Bring every mapped data cluster to `mode` ('falloc' or 'full') without touching data.
 
     falloc: fallocate each contiguous host run of data clusters (allocating already
     allocated blocks changes nothing). full: write zeros only into holes and unwritten
-    extents of those runs.
+    extents of those runs. A block device has every block already: nothing to do.
     """
     if mode not in ("falloc", "full"):
         raise Qcow2Error("preallocation: can only raise to falloc or full in place",
                          option="preallocation")
-    fd, lock = open_locked(path)
-    try:
-        ed = Editor(fd, path)
+    with editing(path) as ed:
         if ed.external:
             raise Qcow2Error("%s: the data lives in an external data file; raise its "
                              "allocation there" % path, path=path)
+        if ed.device:
+            return {"method": "none (a block device has every block)", "runs": 0,
+                    "zero_bytes": 0, "data_bytes": 0}
+        fd = ed.fd
         runs = list(data_runs(ed))
         method = "fallocate"
         fiemap_used = True
         zero_bytes = 0
         for offset, length in runs:
+            ed.modified = True
             if mode == "falloc":
                 try:
                     fileops.fallocate(fd, offset, length)
@@ -499,8 +634,7 @@ def raise_allocation(path, mode):
                     if not fileops.is_not_supported(exc):
                         raise
                     method = "zero-writes into holes (fallocate not supported)"
-                    segments = list(_holes(fd, offset, length))
-                    for o, n in segments:
+                    for o, n in list(_holes(fd, offset, length)):
                         _write_zeros(fd, o, n)
                         zero_bytes += n
             else:
@@ -512,10 +646,9 @@ def raise_allocation(path, mode):
                 method = "zero-writes into holes and unwritten extents" if fiemap_used \
                     else "zero-writes into holes (no FIEMAP: unwritten extents not seen)"
         os.fsync(fd)
+        ed.done.append("allocated the data clusters (%s)" % mode)
         return {"method": method, "runs": len(runs), "zero_bytes": zero_bytes,
                 "data_bytes": sum(n for _off, n in runs)}
-    finally:
-        close_locked(fd, lock)
 
 
 def _holes(fd, offset, length):
@@ -534,30 +667,23 @@ def _write_zeros(fd, offset, length):
 
 
 def data_runs(ed):
-    """Yield (host offset, length) of contiguous runs of mapped, uncompressed data clusters."""
+    """Yield (host offset, length) of contiguous runs of host clusters behind guest clusters
+    (data and allocated zero clusters; compressed ones excluded)."""
     cs = ed.cs
     clusters = div_round_up(ed.header.size, cs)
     run_start = run_len = 0
     for l1_index in range(min(len(ed.l1), div_round_up(clusters, ed.per_l2))):
-        table = ed.read_l2(l1_index)
+        table = ed.l2_table(l1_index)
         if table is None:
             continue
         count = min(ed.per_l2, clusters - l1_index * ed.per_l2)
-        values = struct.unpack(">%dQ" % (count * ed.entry_size // 8),
-                               table[:count * ed.entry_size])[::ed.entry_size // 8]
-        first = values[0] & C.L2E_OFFSET_MASK
-        expected = first + (count - 1) * cs
-        if first and (values[-1] & C.L2E_OFFSET_MASK) == expected and \
-                not any(v & C.OFLAG_COMPRESSED for v in values[:1]) and \
-                _is_progression(values, first, cs):
-            offsets = ((first, count),)
-        else:
-            offsets = []
-            for v in values:
-                if v & C.OFLAG_COMPRESSED or not v & C.L2E_OFFSET_MASK:
-                    continue
-                offsets.append((v & C.L2E_OFFSET_MASK, 1))
-        for host, n in offsets:
+        for idx, n, desc, _bitmap in ed.l2_runs(table):
+            if idx >= count:
+                break
+            n = min(n, count - idx)
+            if ed.cluster_type(desc) not in (NORMAL, ZERO_ALLOC):
+                continue
+            host = desc & C.L2E_OFFSET_MASK
             if run_len and host == run_start + run_len * cs:
                 run_len += n
             else:
@@ -568,11 +694,5 @@ def data_runs(ed):
         yield run_start, run_len * cs
 
 
-def _is_progression(values, first, cs):
-    for k, v in enumerate(values):
-        if (v & C.L2E_OFFSET_MASK) != first + k * cs or v & C.OFLAG_COMPRESSED:
-            return False
-    return True
-
-
-__all__ = ["grow", "fill", "raise_allocation", "data_runs", "Editor"]
+__all__ = ["grow", "fill", "raise_allocation", "data_runs", "plan_grow", "plan_fill",
+           "GuestView", "UNALLOCATED"]
