@@ -17,15 +17,22 @@ description:
     preallocation, or that it does not exist.
   - The module reads the existing image's header and allocation state, compares them with the
     declaration and does only what is missing. A second run reports no change.
-  - Changes that keep the image's data are made in place and reported; growing the virtual
-    size (the new range preallocated like the rest), raising the preallocation
-    (C(metadata) to C(falloc) to C(full)), upgrading compat 0.10 to 1.1, turning lazy
-    refcounts on or off, and file attributes.
-  - Changes that would lose or rewrite data (shrinking, another cluster size, refcount width,
-    extended L2, compression type, data file or backing file, a compat downgrade, raising
-    preallocation C(off) on an image that already holds guest data, or a file at O(path)
-    that is not a qcow2 image) fail with a message listing each difference, unless
-    O(force=true), which recreates the image from the declaration.
+  - Changes that keep what the guest reads are made in place and reported; growing the
+    virtual size (the new range reads zeros, also over a longer backing file, and is
+    preallocated like the rest), raising the preallocation of a used or fresh image
+    (C(off) to C(metadata) to C(falloc) to C(full); the guest's data stays where it is),
+    upgrading compat 0.10 to 1.1, turning lazy refcounts on or off, reclaiming clusters that
+    an interrupted run leaked at the end of the file, and file attributes.
+  - Every in-place change first runs a consistency check; an image with corruptions, or one
+    marked dirty or corrupt, is refused with the C(qemu-img check -r) command that repairs it,
+    and the file is left as it was. A run that fails after it changed the file reports
+    RV(changed=true) and the steps it completed.
+  - Changes that would lose data or change what the guest reads (shrinking, another cluster
+    size, refcount width, extended L2, compression type, data file or backing file, a compat
+    downgrade, raising the preallocation of an overlay without extended L2 whose clusters
+    still read from the backing file, mapping or growing an image with internal snapshots, or
+    a file at O(path) that is not a qcow2 image) fail with a message listing each difference,
+    unless O(force=true), which recreates the image from the declaration.
   - An image that a running QEMU holds open (QEMU's own lock bytes) is never modified,
     replaced or removed.
   - New images are written to a temporary file in the target directory, made durable and
@@ -157,8 +164,9 @@ attributes:
     support: none
 notes:
   - Growing, raising preallocation and header changes hold QEMU's write locks while they run,
-    so a QEMU started meanwhile is refused; a crash part-way leaves a consistent image (at
-    worst with leaked clusters, which C(qemu-img check -r leaks) reclaims).
+    so a QEMU started meanwhile is refused; a crash part-way leaves a consistent image with
+    the guest's old or new view (at worst with leaked clusters at the end of the file, which
+    the next run reclaims).
   - See the collection's guides for what each preallocation mode costs and guarantees on
     ext4, XFS, btrfs, NFS, ZFS and block devices.
 seealso:
@@ -225,7 +233,7 @@ actions:
   type: list
   elements: str
   sample:
-    - "grow the virtual size from 21474836480 to 42949672960 (new range: off)"
+    - "grow the virtual size from 21474836480 to 42949672960 (new range: off, reads zeros)"
 image:
   description:
     - The image after the change (in check mode, as it is now), the same dict
@@ -252,6 +260,8 @@ image:
     actual_size: 200704
     allocated_clusters: 0
     in_use: false
+    snapshots: 0
+    leaked_clusters: 0
 conflicts:
   description:
     - Differences that need O(force) (present when the module failed because of them, or
@@ -288,6 +298,13 @@ def _creation_mode(module):
     if isinstance(mode, str) and mode.isdigit():
         return int(mode, 8)
     return 0o644
+
+
+def _observe_quietly(path):
+    try:
+        return api.observe(path)
+    except (Qcow2Error, OSError):
+        return None
 
 
 def main():
@@ -345,16 +362,30 @@ def main():
                     "would lose or rewrite data; set force=true to recreate it (destroying its "
                     "content). Differences: %s" % (path, "; ".join(decision.conflicts)),
                 conflicts=decision.conflicts, image=api.public_view(observed), actions=[])
-        # Validate a creation fully before doing (or predicting) anything.
+        # Validate a creation fully before doing (or predicting) anything, and run the
+        # in-place guard (consistency, guest-view rules) the real run would run.
         for action in decision.actions:
             if action.kind in ("create", "recreate"):
                 api.parse_options(path, action.args["values"])
+        try:
+            api.preflight(path, decision)
+        except Qcow2Error as exc:
+            module.fail_json(msg=str(exc), image=api.public_view(observed), actions=[],
+                             wanted=decision.texts())
         result["actions"] = decision.texts()
         if decision.conflicts:
             result["conflicts"] = decision.conflicts
         changed = decision.changed
         if not module.check_mode and decision.actions:
-            outcomes = api.apply(path, decision, mode=_creation_mode(module))
+            try:
+                outcomes = api.apply(path, decision, mode=_creation_mode(module))
+            except Qcow2Error as exc:
+                if not getattr(exc, "modified", False):
+                    raise
+                module.fail_json(msg="%s (the file was changed before the failure: %s)"
+                                     % (exc, "; ".join(exc.done) or "partial writes"),
+                                 changed=True, actions=list(exc.done), option=exc.option,
+                                 image=api.public_view(_observe_quietly(path)))
             for outcome in outcomes:
                 if isinstance(outcome, dict) and outcome.get("method"):
                     result["method"] = outcome["method"]

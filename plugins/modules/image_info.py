@@ -156,6 +156,18 @@ image:
     allocation_method:
       description: How the preallocation level was judged (C(fiemap), C(seek), C(st_blocks)).
       type: str
+    snapshots:
+      description: Number of internal snapshots.
+      type: int
+    leaked_clusters:
+      description:
+        - Clusters leaked at the end of the file (counted but referenced by nothing), as the
+          cheap scan that runs on every inspection sees them. An interrupted change leaves
+          them; M(vdisk.qcow2.image) reclaims them on its next run. Leaks elsewhere in the
+          file are counted only by O(check=true).
+        - V(null) when the scan is not exact for this image (internal snapshots, persistent
+          bitmaps, or a dirty image).
+      type: int
     check:
       description:
         - Consistency check like C(qemu-img check).
