@@ -119,3 +119,51 @@ def test_image_info(tmp_path, capsys):
     junk.write_bytes(b"hello")
     info = run(info_module, capsys, path=str(junk))
     assert info["exists"] is True and info["image"]["format"] == "unknown"
+
+
+def _leak_clusters_at_end(path, count):
+    """Do what a run killed mid-grow leaves: clusters counted at the end, linked to nothing."""
+    from ansible_collections.vdisk.qcow2.plugins.module_utils.qcow2 import editor, resize
+    with editor.editing(path) as ed:
+        start, end, needed, reft = resize._solve_append(ed, count)
+        ed.truncate(end * ed.cs)
+        resize._count_clusters(ed, start, end, needed, start + count,
+                               start + count + len(needed), reft)
+
+
+def test_leaked_clusters_reclaimed_and_predicted(tmp_path, capsys):
+    path = str(tmp_path / "leaky.qcow2")
+    run(image_module, capsys, path=path, size="16M", preallocation="metadata")
+    size_before = os.path.getsize(path)
+    _leak_clusters_at_end(path, 10)
+    info = run(info_module, capsys, path=path)
+    assert info["image"]["leaked_clusters"] == 10
+    predicted = run(image_module, capsys, path=path, size="16M", preallocation="metadata",
+                    _ansible_check_mode=True)
+    assert predicted["changed"] is True
+    assert predicted["actions"] == ["reclaim 10 leaked cluster(s) at the end of the file (left "
+                                    "by an interrupted change)"]
+    done = run(image_module, capsys, path=path, size="16M", preallocation="metadata")
+    assert done["changed"] is True and done["actions"] == predicted["actions"]
+    assert done["image"]["leaked_clusters"] == 0
+    assert os.path.getsize(path) == size_before
+    again = run(image_module, capsys, path=path, size="16M", preallocation="metadata")
+    assert again["changed"] is False
+
+
+def test_failure_after_a_change_reports_changed(tmp_path, capsys, monkeypatch):
+    from ansible_collections.vdisk.qcow2.plugins.module_utils.qcow2 import api
+    from ansible_collections.vdisk.qcow2.plugins.module_utils.qcow2.errors import Qcow2Error
+    path = str(tmp_path / "half.qcow2")
+    run(image_module, capsys, path=path, size="16M")
+
+    def failing_grow(*_args, **_kwargs):
+        raise Qcow2Error("no space left for the grown range")
+    monkeypatch.setattr(api, "grow", failing_grow)
+    result = run(image_module, capsys, path=path, size="32M", preallocation="metadata")
+    assert result["failed"] is True
+    assert result["changed"] is True
+    assert result["actions"] == ["raise preallocation from off to metadata"]
+    assert "no space left" in result["msg"] and "changed before the failure" in result["msg"]
+    assert result["image"]["preallocation"] == "metadata"
+
