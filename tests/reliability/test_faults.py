@@ -8,13 +8,19 @@ os.fsync, os.fdatasync, os.ftruncate, os.link, os.rename, os.replace and falloca
 wrapped; the child SIGKILLs itself just before the k-th of those calls, with k drawn from a
 seeded random generator over the calls an uninterrupted run makes. VDISK_FULL_CAMPAIGN=1 runs
 60 trials per operation instead of 12.
+
+The in-place changes (adopting a used disk, growing over a longer backing file, reclaiming the
+leaks of a killed run) are also judged by what the guest reads (`qemu-img convert -O raw`):
+after a kill at any write it is the old view or the new one, never a third.
 """
 
 import hashlib
 import json
 import os
 import random
+import re
 import signal
+import struct
 import subprocess
 import sys
 import textwrap
@@ -58,6 +64,10 @@ CHILD = textwrap.dedent("""
         api.grow(path, arg["size"], arg["mode"])
     elif op == "raise":
         api.raise_preallocation(path, arg["current"], arg["target"])
+    elif op == "reclaim":
+        api.reclaim_leaks(path)
+    else:
+        sys.exit("unknown operation %%r" %% op)
     print(json.dumps({"calls": calls[0]}))
 """) % {"engine": ENGINE}
 
@@ -91,9 +101,15 @@ def count_calls(op, path, arg):
     return json.loads(proc.stdout)["calls"]
 
 
+def guest_io(path, command):
+    """One qemu-io command, as a guest would issue it."""
+    proc = run(QEMU_IO, "-c", command, path)
+    assert proc.returncode == 0 and "failed" not in proc.stdout, (command, proc.stdout,
+                                                                  proc.stderr)
+
+
 def write_pattern(path, pattern, offset, length):
-    proc = run(QEMU_IO, "-c", "write -P %d %d %d" % (pattern, offset, length), path)
-    assert proc.returncode == 0, proc.stderr
+    guest_io(path, "write -P %d %d %d" % (pattern, offset, length))
 
 
 def pattern_intact(path, pattern, offset, length):
@@ -215,6 +231,226 @@ def test_kill_during_raise_to_full_never_writes_over_data(tmp_path):
         api.raise_preallocation(path, level, "full")
         assert inspector.allocation_state(path)["preallocation"] == "full"
         assert pattern_intact(path, 0x55, 3 << 20, 1 << 20)
+
+
+# ---------------------------------------------------------------- in-place changes: guest view
+
+MiB = 1 << 20
+MODES = ("off", "metadata", "falloc", "full")
+PROBE_LIMIT = 64 << 30
+
+
+def guest_view(path, grown_to=None):
+    """What the guest reads (qemu-img convert -O raw): (virtual size, sha256, grown sha256).
+
+    The grown digest, with grown_to, is that of the view followed by zeros up to grown_to
+    bytes: what a grow must show.
+    """
+    out = path + ".view.raw"
+    proc = run(QEMU_IMG, "convert", "-O", "raw", path, out)
+    try:
+        assert proc.returncode == 0, proc.stderr
+        size = os.path.getsize(out)
+        digest = sha256(out)
+        grown = None
+        if grown_to is not None:
+            os.truncate(out, grown_to)
+            grown = sha256(out)
+        return size, digest, grown
+    finally:
+        if os.path.exists(out):
+            os.unlink(out)
+
+
+def refcount_coverage(path):
+    """(cluster size, bytes of host file the image's refcount blocks cover), from the raw file."""
+    with open(path, "rb") as handle:
+        head = handle.read(104)
+        version, = struct.unpack_from(">I", head, 4)
+        cluster_bits, = struct.unpack_from(">I", head, 20)
+        reft_offset, reft_clusters = struct.unpack_from(">QI", head, 48)
+        order = struct.unpack_from(">I", head, 96)[0] if version >= 3 else 4
+        cs = 1 << cluster_bits
+        handle.seek(reft_offset)
+        table = handle.read(reft_clusters * cs)
+    entries = struct.unpack(">%dQ" % (len(table) // 8), table[:len(table) // 8 * 8])
+    used = [i for i, e in enumerate(entries) if e & 0x00fffffffffffe00]
+    return cs, (used[-1] + 1) * (cs * 8 >> order) * cs if used else 0
+
+
+def leaks_everywhere(path):
+    """Leaked clusters, counting those whose refcounts lie past the end of the file.
+
+    qemu-img check judges clusters up to the file's end only: a killed run can leave
+    refcounts for clusters it never wrote, invisible until a later run extends the file over
+    them and they show up as leaks. The probe is a sparse copy of the image extended over all
+    its refcount blocks cover. Returns (count, where they are: for failure messages).
+    """
+    probe = path + ".probe"
+    proc = run("cp", "--sparse=always", path, probe)
+    assert proc.returncode == 0, proc.stderr
+    try:
+        end = os.path.getsize(probe)
+        cs, coverage = refcount_coverage(probe)
+        os.truncate(probe, max(end, min(coverage, PROBE_LIMIT)))
+        proc = run(QEMU_IMG, "check", probe)
+        assert proc.returncode in (0, 3), "check of the extended copy: %s" % proc.stderr
+    finally:
+        os.unlink(probe)
+    leaked = [int(n) for n in re.findall(r"Leaked cluster (\d+) ", proc.stderr + proc.stdout)]
+    if not leaked:
+        return 0, "no leaks"
+    ranges = []
+    for cluster in leaked:
+        if ranges and ranges[-1][1] + 1 == cluster:
+            ranges[-1][1] = cluster
+        else:
+            ranges.append([cluster, cluster])
+    spans = ", ".join("%d-%d" % (lo, hi) for lo, hi in ranges[:8])
+    return len(leaked), "%d leaked clusters (%s%s); the file ends at cluster %d" \
+        % (len(leaked), spans, ", ..." if len(ranges) > 8 else "", -(-end // cs))
+
+
+def check_corruptions(path, what):
+    """qemu-img check's JSON; fails on corruptions or check errors (leaks are allowed)."""
+    code, data = qemu_check(path)
+    assert code in (0, 3) and not data.get("corruptions") and not data.get("check-errors"), \
+        "%s: qemu-img check exit %d: %s" % (what, code, data)
+    return data
+
+
+def level_reached(target):
+    return lambda path, size, leaks: (MODES.index(api.observe(path)["preallocation"])
+                                      >= MODES.index(target))
+
+
+def kill_campaign(kind, original, op, arg, views, reached):
+    """Kill `op` at random writes on copies of `original`; judge each outcome by the guest.
+
+    views maps a virtual size to the digest of the one guest view allowed at that size (the
+    old view at the old size, the new one at the new size); reached(path, size, leaks) tells
+    whether the killed run got to the new state. After each kill: no corruption and an
+    allowed view; api.reclaim_leaks then removes every leak the kill left without changing
+    the view, and a fresh run of the same operation converges to the new view, leak-free.
+    """
+    path = original + ".work"
+    new_size = max(views)
+
+    def restore():
+        proc = run("cp", "--sparse=always", original, path)
+        assert proc.returncode == 0, proc.stderr
+
+    restore()
+    total = count_calls(op, path, arg)
+    assert total > 0, "%s: an uninterrupted run made no write at all" % kind
+    rng = random.Random(kind)
+    for trial in range(TRIALS):
+        restore()
+        kill_at = rng.randint(1, total)
+        where = "%s trial %d (kill at call %d of %d)" % (kind, trial, kill_at, total)
+        proc = child(kill_at, op, path, arg)
+        assert proc.returncode == -signal.SIGKILL, (where, proc.stderr)
+        code, data = qemu_check(path)
+        if code not in (0, 3) or data.get("corruptions") or data.get("check-errors"):
+            record(kind, "corrupt")
+            pytest.fail("%s: qemu-img check exit %d: %s" % (where, code, data))
+        size, digest, _grown = guest_view(path)
+        if views.get(size) != digest:
+            record(kind, "lost")
+            pytest.fail("%s: the guest reads a third view: virtual size %d, neither the old nor "
+                        "the new content for that size (allowed sizes %s)"
+                        % (where, size, sorted(views)))
+        record(kind, "new" if reached(path, size, leaks_everywhere(path)[0]) else "old")
+        # What the kill left over is reclaimed, without touching what the guest reads.
+        api.reclaim_leaks(path)
+        assert guest_view(path)[:2] == (size, digest), \
+            "%s: reclaim_leaks changed the guest view" % where
+        check_corruptions(path, where + ", after reclaim_leaks")
+        leaks, detail = leaks_everywhere(path)
+        assert leaks == 0, "%s: after reclaim_leaks: %s" % (where, detail)
+        # A fresh, un-killed run of the same operation converges.
+        proc = child(0, op, path, arg)
+        assert proc.returncode == 0, "%s: the next run failed: %s" % (where, proc.stderr)
+        check_corruptions(path, where + ", after the next run")
+        leaks, detail = leaks_everywhere(path)
+        assert leaks == 0, "%s: after the next run: %s" % (where, detail)
+        size, digest, _grown = guest_view(path)
+        assert (size, digest) == (new_size, views[new_size]), \
+            "%s: the next run did not converge to the new guest view (virtual size %d%s)" \
+            % (where, size, ", other content" if size == new_size else "")
+        assert reached(path, size, leaks), "%s: the next run did not reach the new state" % where
+
+
+def used_disk(path):
+    """A 32 MiB disk made by qemu-img (preallocation off) that a guest wrote and discarded."""
+    proc = run(QEMU_IMG, "create", "-q", "-f", "qcow2", path, "32M")
+    assert proc.returncode == 0, proc.stderr
+    write_pattern(path, 0x11, 0, 64 * 1024)
+    write_pattern(path, 0x22, 5 * MiB + 4096, 12 * 1024)
+    write_pattern(path, 0x33, 17 * MiB, MiB)
+    write_pattern(path, 0x44, 31 * MiB + 60 * 1024, 8192)
+    guest_io(path, "discard %d %d" % (17 * MiB + 128 * 1024, 256 * 1024))
+
+
+@pytest.mark.parametrize("target", ["metadata", "full"])
+def test_kill_during_adopt_keeps_the_guest_view(tmp_path, target):
+    original = str(tmp_path / "used.qcow2")
+    used_disk(original)
+    size, digest, _grown = guest_view(original)
+    kill_campaign("adopt/off->" + target, original, "raise",
+                  {"current": "off", "target": target}, {size: digest}, level_reached(target))
+
+
+@pytest.mark.parametrize("mode", ["off", "metadata"])
+def test_kill_during_grow_over_a_longer_base_keeps_the_guest_view(tmp_path, mode):
+    base = str(tmp_path / "base.qcow2")
+    proc = run(QEMU_IMG, "create", "-q", "-f", "qcow2", base, "48M")
+    assert proc.returncode == 0, proc.stderr
+    write_pattern(base, 0x77, 0, 48 * MiB)
+    original = str(tmp_path / "overlay.qcow2")
+    proc = run(QEMU_IMG, "create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", original,
+               "16M")
+    assert proc.returncode == 0, proc.stderr
+    write_pattern(original, 0x12, MiB, 64 * 1024)
+    write_pattern(original, 0x34, 15 * MiB + 512, 1024)
+    old_size, old, new = guest_view(original, grown_to=40 * MiB)
+    kill_campaign("grow over longer base/" + mode, original, "grow",
+                  {"size": 40 * MiB, "mode": mode}, {old_size: old, 40 * MiB: new},
+                  lambda path, size, leaks: size == 40 * MiB)
+
+
+def leaky_image(path):
+    """A 16 MiB image with leaked clusters at its end: a full grow to 256 MiB killed partway.
+
+    The earliest kill after which qemu-img check reports leaks is used: it keeps the file small.
+    Returns qemu-img check's leak count.
+    """
+    pristine = path + ".pristine"
+    api.create(pristine, {"size": "16M"})
+    write_pattern(pristine, 0x66, 0, 64 * 1024)
+    write_pattern(pristine, 0x67, 9 * MiB, 4096)
+    arg = {"size": 256 * MiB, "mode": "full"}
+    run("cp", "--sparse=always", pristine, path)
+    total = count_calls("grow", path, arg)
+    for kill_at in range(1, total + 1):
+        run("cp", "--sparse=always", pristine, path)
+        proc = child(kill_at, "grow", path, arg)
+        assert proc.returncode == -signal.SIGKILL, (kill_at, proc.stderr)
+        data = check_corruptions(path, "making a leaky image (kill at call %d)" % kill_at)
+        if data.get("leaks") and inspector.info(path)["virtual-size"] == 16 * MiB:
+            return data["leaks"]
+    pytest.fail("no kill of a 16 MiB -> 256 MiB full grow (%d calls) left leaked clusters"
+                % total)
+
+
+def test_kill_during_reclaim_keeps_the_guest_view(tmp_path):
+    original = str(tmp_path / "leaky.qcow2")
+    leaks = leaky_image(original)
+    sys.stdout.write("\n[faults] reclaim: the killed grow left %s (qemu-img check: %d)"
+                     % (leaks_everywhere(original)[1], leaks))
+    size, digest, _grown = guest_view(original)
+    kill_campaign("reclaim", original, "reclaim", None, {size: digest},
+                  lambda path, size, leaks: leaks == 0)
 
 
 # ---------------------------------------------------------------- full disks
