@@ -132,9 +132,13 @@ def plan_create(opts, zero_flag=False):
         _plan_off(plan, opts)
     else:
         if zero_flag and opts.version == 2:
-            raise Qcow2Error("preallocation: %s on a device without zero-initialisation needs "
-                             "compat 1.1 (zero flags do not exist in compat 0.10)" % mode,
-                             option="preallocation")
+            if mode == "metadata":
+                raise Qcow2Error("preallocation: metadata on a device without "
+                                 "zero-initialisation needs compat 1.1 (zero flags do not exist "
+                                 "in compat 0.10); falloc and full write zeros instead",
+                                 option="preallocation")
+            # falloc and full write zeros into every data cluster of a device: no flag needed.
+            zero_flag = False
         plan.zero_flag = zero_flag
         _plan_prealloc(plan, opts)
     return plan
