@@ -26,7 +26,7 @@ description:
   - Every in-place change first runs a consistency check; an image with corruptions, or one
     marked dirty or corrupt, is refused with the C(qemu-img check -r) command that repairs it,
     and the file is left as it was. A run that fails after it changed the file reports
-    RV(changed=true) and the steps it completed.
+    C(changed=true) and the steps it completed in RV(actions).
   - Changes that would lose data or change what the guest reads (shrinking, another cluster
     size, refcount width, extended L2, compression type, data file or backing file, a compat
     downgrade, raising the preallocation of an overlay without extended L2 whose clusters

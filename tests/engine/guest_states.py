@@ -28,8 +28,8 @@ BASE = "base.qcow2"
 # Build steps: callables taking the directory.
 
 def _ok(proc, what):
-    assert proc.returncode == 0, "%s failed (%d): %s %s" % (what, proc.returncode, proc.stdout,
-                                                          proc.stderr)
+    assert proc.returncode == 0, "%s failed (%d): %s %s" % (
+        what, proc.returncode, proc.stdout, proc.stderr)
 
 
 def _create_args(opts):

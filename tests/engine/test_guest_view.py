@@ -378,8 +378,8 @@ def test_prediction_matches_apply(tmp_path, name, declared):
     again = reconcile.decide(values, api.observe(path))
     pending = [a for a in again.actions if not unobservable(a, path)]
     assert (pending, again.conflicts, again.failure) == ([], [], None), \
-        "not converged after apply(%s): %s %s %s" % (kinds, pending, again.conflicts,
-                                                      again.failure)
+        "not converged after apply(%s): %s %s %s" % (
+            kinds, pending, again.conflicts, again.failure)
 
 
 def unobservable(action, path):
@@ -505,4 +505,3 @@ def test_issue11_6_used_disk_is_adopted_in_place(tmp_path, name, target):
     before.assert_view_kept()
     before.assert_clean()
     assert RANK[observed_level(path)] >= RANK[lowest_level(target, path)]
-

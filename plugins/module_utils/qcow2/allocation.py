@@ -32,6 +32,7 @@ _FIEMAP_HDR = struct.Struct("=QQIIII")
 _FIEMAP_EXT = struct.Struct("=QQQQQI12x")
 FIEMAP_BATCH = 512
 
+
 def _is_device(fd):
     try:
         return stat.S_ISBLK(os.fstat(fd).st_mode)
@@ -301,8 +302,7 @@ def _l1_reversed(img, chunk=1 << 16):
     for start in reversed(range(0, hdr.l1_size, chunk)):
         n = min(chunk, hdr.l1_size - start)
         data = img.read(hdr.l1_table_offset + start * 8, n * 8)
-        for entry in reversed(struct.unpack(">%dQ" % n, data)):
-            yield entry
+        yield from reversed(struct.unpack(">%dQ" % n, data))
 
 
 @guard

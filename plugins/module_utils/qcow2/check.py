@@ -477,4 +477,3 @@ def check(path, image=None, max_messages=MAX_MESSAGES):
             messages.append("... and %d more problems" % chk.dropped)
         result["messages"] = messages
         return result
-

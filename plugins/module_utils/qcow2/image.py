@@ -37,7 +37,7 @@ MAX_SNAPSHOTS_SIZE = 1024 * C.MAX_SNAPSHOTS
 
 
 DECODE_ERRORS = (struct.error, ValueError, OverflowError, IndexError, UnicodeError,
-                  MemoryError, TypeError)
+                 MemoryError, TypeError)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -406,7 +406,7 @@ class Image(object):
             return 0
         if offset & (self.cluster_size - 1):
             raise RefcountError("refblock offset %#x unaligned (reftable index %#x)"
-                                 % (offset, idx))
+                                % (offset, idx))
         return refcount_at(self.refblock(offset), pos, self.header.refcount_order)
 
     def snapshots(self):
@@ -487,7 +487,6 @@ class Image(object):
         return l2_runs(self, table)
 
 
-
 # ---------------------------------------------------------------------------------------------
 # Helpers shared by the public functions
 
@@ -552,5 +551,3 @@ def st_blocks_bytes(img):
         return os.fstat(img.fd).st_blocks * 512
     except (OSError, AttributeError):
         return 0
-
-

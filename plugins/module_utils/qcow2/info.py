@@ -9,6 +9,7 @@ from .image import BME_FLAG_AUTO, BME_FLAG_IN_USE, Opened, guard, path_combine, 
 
 __all__ = ["info"]
 
+
 @guard
 def info(path, image=None):
     """A dict shaped like `qemu-img info --output=json` (qemu-img 7.2)."""
@@ -71,4 +72,3 @@ def info(path, image=None):
                 snaps.append(entry)
             result["snapshots"] = snaps
         return result
-

@@ -277,5 +277,3 @@ def _l2_runs_slow(img, table, esz, cs, total):
         cur_type = ctype_of(e)
     runs.append((start, total - start, cur, cur_bm))
     return runs
-
-

@@ -20,6 +20,7 @@ __all__ = ["block_map", "guest_runs"]
 SUB_UNALLOC_PLAIN, SUB_UNALLOC_ALLOC, SUB_ZERO_PLAIN, SUB_ZERO_ALLOC, SUB_NORMAL, \
     SUB_COMPRESSED, SUB_INVALID = range(7)
 
+
 def guest_runs(img, limit_bytes):
     """Yield (first guest cluster, count, descriptor, bitmap) covering the guest clusters of
     [0, limit_bytes), with L1 holes as unallocated runs."""
@@ -224,4 +225,3 @@ def block_map(path, image=None):
                 item["offset"] = offset
             result.append(item)
         return result
-

@@ -166,4 +166,3 @@ def test_failure_after_a_change_reports_changed(tmp_path, capsys, monkeypatch):
     assert result["actions"] == ["raise preallocation from off to metadata"]
     assert "no space left" in result["msg"] and "changed before the failure" in result["msg"]
     assert result["image"]["preallocation"] == "metadata"
-
