@@ -131,8 +131,11 @@ def exercise(path):
             if close:
                 close()
         observed = api.observe(path)
-        reconcile.decide({"size": "8M", "preallocation": "full", "cluster_size": 65536},
-                         observed)
+        decision = reconcile.decide({"size": "8M", "preallocation": "full",
+                                     "cluster_size": 65536}, observed)
+        # The in-place guard and the guest-view planners, read-only (what check mode runs).
+        if observed is not None and observed.get("qcow2"):
+            api.preflight(path, decision)
         return "ok"
     except Qcow2Error:
         return "error"

@@ -160,14 +160,19 @@ def preflight(path, decision):
     kinds = [a for a in decision.actions if a.kind in IN_PLACE]
     if not kinds:
         return
+    from .image import DECODE_ERRORS
+    from .l2runs import RefcountError
     with Image.open(path) as img:
         guard_image(img, path)
         device = is_block_device(path)
-        for action in kinds:
-            if action.kind == "grow":
-                resize.plan_grow(img, action.args["size"], action.args["mode"], device)
-            elif action.kind == "raise_preallocation" and action.args["current"] == "off":
-                resize.plan_fill(img, action.args["target"], device)
+        try:
+            for action in kinds:
+                if action.kind == "grow":
+                    resize.plan_grow(img, action.args["size"], action.args["mode"], device)
+                elif action.kind == "raise_preallocation" and action.args["current"] == "off":
+                    resize.plan_fill(img, action.args["target"], device)
+        except DECODE_ERRORS + (RefcountError,) as exc:
+            raise Qcow2Error("corrupt image %s: %s" % (path, exc), path=path)
 
 
 def observe(path, with_check=False):
@@ -193,7 +198,10 @@ def observe(path, with_check=False):
     try:
         info = inspector.info(path, image=image)
         state = inspector.allocation_state(path, image=image)
-        tail = inspector.tail_leaks(path, image=image)
+        try:
+            tail = inspector.tail_leaks(path, image=image)
+        except Qcow2Error:
+            tail = {"scanned": False}   # damage the scan trips on is for check to report
         data = info["format-specific"]["data"]
         hdr = image.header
         out = {

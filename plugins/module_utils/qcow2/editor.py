@@ -24,7 +24,8 @@ from . import constants as C
 from .allocator import div_round_up
 from .check import check
 from .errors import Qcow2Error
-from .image import Image
+from .image import DECODE_ERRORS, Image
+from .l2runs import RefcountError
 from .refcounts import get_refcount, last_nonzero, set_range
 
 _READ_LIMIT = 32 * 1024 * 1024
@@ -110,6 +111,10 @@ def editing(path, run_check=True):
                             "" if ed is None or not ed.modified else
                             " (it was left consistent: what was written is counted, at "
                             "worst as leaked clusters the next run reclaims)"), path=path)
+        _mark(err, ed)
+        raise err
+    except DECODE_ERRORS + (RefcountError,) as exc:
+        err = Qcow2Error("corrupt image %s: %s" % (path, exc), path=path)
         _mark(err, ed)
         raise err
     finally:
