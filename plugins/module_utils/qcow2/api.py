@@ -15,6 +15,7 @@ from .errors import Qcow2Error
 from .header import decode_cluster0
 from .options import CreateOptions
 from .planner import plan_create
+from . import guest_rules
 from . import resize
 from . import writer
 
@@ -168,9 +169,9 @@ def preflight(path, decision):
         try:
             for action in kinds:
                 if action.kind == "grow":
-                    resize.plan_grow(img, action.args["size"], action.args["mode"], device)
+                    guest_rules.plan_grow(img, action.args["size"], action.args["mode"], device)
                 elif action.kind == "raise_preallocation" and action.args["current"] == "off":
-                    resize.plan_fill(img, action.args["target"], device)
+                    guest_rules.plan_fill(img, action.args["target"], device)
         except DECODE_ERRORS + (RefcountError,) as exc:
             raise Qcow2Error("corrupt image %s: %s" % (path, exc), path=path)
 
