@@ -69,7 +69,7 @@ def preflight(path, run_check=True):
         return guard_image(img, path, run_check)
 
 
-def open_locked(path):
+def _open_locked(path):
     """Open an image read-write and hold QEMU's writer locks; refuse if a QEMU holds it."""
     from .lock import WriteLock  # imported late: lock.py is Linux-only at call time
     try:
@@ -86,7 +86,7 @@ def open_locked(path):
     return fd, lock
 
 
-def close_locked(fd, lock):
+def _close_locked(fd, lock):
     try:
         lock.__exit__(None, None, None)
     finally:
@@ -96,7 +96,7 @@ def close_locked(fd, lock):
 @contextlib.contextmanager
 def editing(path, run_check=True):
     """Yield an Editor for `path` that has passed the guard; failures carry `modified`."""
-    fd, lock = open_locked(path)
+    fd, lock = _open_locked(path)
     ed = None
     try:
         ed = Editor(fd, path)
@@ -118,7 +118,7 @@ def editing(path, run_check=True):
         _mark(err, ed)
         raise err
     finally:
-        close_locked(fd, lock)
+        _close_locked(fd, lock)
 
 
 def _mark(exc, ed):
@@ -242,4 +242,4 @@ class Editor(Image):
             self.pwrite(self.reftable[index] & C.REFT_OFFSET_MASK, bytes(block))
 
 
-__all__ = ["editing", "preflight", "guard_image", "Editor", "open_locked", "close_locked"]
+__all__ = ["editing", "preflight", "guard_image", "Editor"]
