@@ -43,8 +43,8 @@ author:
 options:
   path:
     description:
-      - Path of the qcow2 image on the managed node.
-      - A symbolic link at O(path) is refused; give the real path.
+      - Absolute path of the qcow2 image on the managed node (a relative path is refused).
+      - A symbolic link at O(path) is refused unless O(follow=true).
     type: path
     required: true
   state:
@@ -61,7 +61,10 @@ options:
         C(iB), for example C(10G), C(512MiB), C(1.5T)). Rounded up to a multiple of 512
         like qemu-img.
       - Required to create an image unless O(backing_file) gives the size.
-      - A larger size than the image's grows it in place; a smaller one is a conflict.
+      - A number is bytes (C(1.5) is refused: write C(1.5G)).
+      - A larger size than the image's grows it in place. A smaller one shrinks it in place
+        when no guest data lies past the new end (like C(qemu-img resize --shrink); check
+        mode says which); otherwise it is a conflict.
     type: raw
   preallocation:
     description:
@@ -83,11 +86,12 @@ options:
     type: raw
   compat:
     description:
-      - qcow2 compatibility level. C(0.10) (also C(v2)) or C(1.1) (also C(v3)).
+      - qcow2 compatibility level, C('0.10') (also C(v2)) or C('1.1') (also C(v3)).
+      - Quote it in YAML; an unquoted C(0.10) arrives as the number C(0.1) and is refused
+        with a message saying so.
       - New images default to C(1.1). Declaring C(1.1) upgrades a C(0.10) image in place;
         declaring C(0.10) for a C(1.1) image is a conflict.
-    type: str
-    choices: ['0.10', '1.1', v2, v3]
+    type: raw
   refcount_bits:
     description:
       - Width of a reference count; widths other than 16 need compat 1.1. New images get 16.
@@ -111,10 +115,14 @@ options:
       - Backing file name to record in the image (relative names are relative to the image's
         directory). Requires O(backing_fmt); the format of a backing file is never guessed.
       - With a backing file, preallocation other than V(off) needs O(extended_l2=true).
+      - For an existing image the names are compared by the file they lead to: an absolute
+        name for an image that records a relative one (or the reverse) is the same backing
+        file, and the recorded name is kept as it is (the header is not rewritten).
     type: str
   backing_fmt:
     description:
-      - Format of O(backing_file), for example V(qcow2) or V(raw).
+      - Format of O(backing_file), for example V(qcow2) or V(raw): a block driver name QEMU
+        knows (an unknown name is refused, as qemu-img refuses it).
     type: str
   data_file:
     description:
@@ -131,6 +139,20 @@ options:
     description:
       - Set the no-copy-on-write attribute on the new file (btrfs); ignored elsewhere, like
         qemu-img. Only applied when the file is created.
+    type: bool
+    default: false
+  backup:
+    description:
+      - When O(force=true) recreates or replaces the file at O(path), keep the old file
+        under a backup name (C(PATH.PID.YYYY-MM-DD@HH:MM:SS~)) and return it in
+        RV(backup_file). The backup is a hard link to the old file, so it costs no copy
+        and no space beyond what the old image already used.
+    type: bool
+    default: false
+  follow:
+    description:
+      - When O(path) is a symbolic link, manage the image it points to. By default a link at
+        O(path) is refused (it would otherwise lead the change elsewhere, or be replaced).
     type: bool
     default: false
   force:
@@ -233,7 +255,18 @@ actions:
   type: list
   elements: str
   sample:
-    - "grow the virtual size from 21474836480 to 42949672960 (new range: off, reads zeros)"
+    - "grow the virtual size from 20 GiB (21474836480 bytes) to 40 GiB (42949672960 bytes) (new
+      range: off, reads zeros)"
+path:
+  description: The path of the image, as given.
+  returned: always
+  type: str
+  sample: /var/lib/images/web01.qcow2
+backup_file:
+  description: The backup of the old file kept by O(backup=true) when it was replaced.
+  returned: when O(backup=true) and the file was recreated or replaced
+  type: str
+  sample: /var/lib/images/web01.qcow2.4242.2026-12-02@10:15:42~
 image:
   description:
     - The image after the change (in check mode, as it is now), the same dict
@@ -278,6 +311,14 @@ method:
   returned: when an image was created
   type: str
   sample: fallocate
+diff:
+  description:
+    - With C(--diff), the image before and after (RV(diff.before), RV(diff.after):
+      C(state), C(format), C(virtual_size), C(preallocation), C(content) (whether it holds
+      guest data, and when the content is destroyed), the declared header fields, file
+      attributes), and C(before_header)/C(after_header) naming the path.
+  returned: when diff mode is on
+  type: dict
 """
 
 import os
@@ -285,19 +326,12 @@ import traceback
 
 from ansible.module_utils.basic import AnsibleModule
 
+from ansible_collections.vdisk.qcow2.plugins.module_utils import module_support
 from ansible_collections.vdisk.qcow2.plugins.module_utils.qcow2 import api
 from ansible_collections.vdisk.qcow2.plugins.module_utils.qcow2 import reconcile
 from ansible_collections.vdisk.qcow2.plugins.module_utils.qcow2.errors import Qcow2Error
 
 
-def _creation_mode(module):
-    """The final mode for a new file, when it can be known up front (octal given)."""
-    mode = module.params.get("mode")
-    if isinstance(mode, int):
-        return mode
-    if isinstance(mode, str) and mode.isdigit():
-        return int(mode, 8)
-    return 0o644
 
 
 def _observe_quietly(path):
@@ -305,6 +339,143 @@ def _observe_quietly(path):
         return api.observe(path)
     except (Qcow2Error, OSError):
         return None
+
+
+def _declared(module, path):
+    params = module.params
+    declared = dict((k, params[k]) for k in (
+        "size", "preallocation", "cluster_size", "compat", "refcount_bits",
+        "lazy_refcounts", "extended_l2", "compression_type", "backing_file", "backing_fmt",
+        "data_file", "data_file_raw", "nocow"))
+    if declared["backing_file"]:
+        declared["backing_file_realpath"] = api.backing_realpath(path, declared["backing_file"])
+    return declared
+
+
+class Runner(object):
+    """One run of the module: checks, observation, decision, preflight, apply, report."""
+
+    def __init__(self, module):
+        self.module = module
+        self.params = module.params
+        self.given = self.params["path"]
+        self.path = self.given
+        self.result = dict(changed=False, actions=[], image={}, path=self.given)
+
+    def fail(self, msg, **extra):
+        out = dict(self.result)
+        out["actions"] = []
+        out.update(extra)
+        if out.get("option") is None:
+            out.pop("option", None)
+        self.module.fail_json(msg=msg, **out)
+
+    def check_path(self):
+        path = self.given
+        if not os.path.isabs(path):
+            self.fail("path: %r is relative; give an absolute path (a relative one would land "
+                      "in the module's working directory on the host)" % path)
+        if os.path.islink(path):
+            if not self.params["follow"]:
+                self.fail("%s is a symbolic link; set follow=true to manage the image it points "
+                          "to, or give the real path" % path)
+            self.path = os.path.realpath(path)
+        if self.params["data_file"] and not os.path.isabs(self.params["data_file"]):
+            self.fail("data_file must be an absolute path (QEMU resolves relative data file "
+                      "names against its own working directory)")
+
+    def decide(self):
+        params = self.params
+        declared = _declared(self.module, self.path)
+        if params["state"] == "present":
+            api.validate_declaration(declared)
+            problem = module_support.file_args_problem(self.module, self.path)
+            if problem:
+                self.fail(problem)
+        size = reconcile.normalise(declared).get("size") if params["state"] == "present" \
+            else None
+        observed = api.observe(self.path, size=size)
+        decision = reconcile.decide(declared, observed, state=params["state"],
+                                    force=params["force"])
+        self.result["image"] = api.public_view(observed)
+        if decision.failure:
+            self.fail("%s: %s" % (self.path, decision.failure), conflicts=decision.conflicts)
+        if decision.conflicts and not params["force"]:
+            self.fail("%s: the existing file does not match the declaration and changing it "
+                      "would lose or rewrite data; set force=true to recreate it (destroying "
+                      "its content). Differences: %s" % (self.path, "; ".join(decision.conflicts)),
+                      conflicts=decision.conflicts)
+        try:
+            api.preflight(self.path, decision)
+        except Qcow2Error as exc:
+            self.fail(str(exc), option=exc.option, wanted=decision.texts())
+        self.result["actions"] = decision.texts()
+        if decision.conflicts:
+            self.result["conflicts"] = decision.conflicts
+        return observed, decision
+
+    def backup(self, decision):
+        """Keep the old file before a forced recreate (a hard link: no copy)."""
+        if not self.params["backup"] or not os.path.lexists(self.path) or \
+                not any(a.kind == "recreate" for a in decision.actions):
+            return None
+        if api.is_block_device(self.path):
+            self.fail("backup: a block device cannot be backed up by a link; copy it first")
+        name = module_support.backup_name(self.path)
+        if not self.module.check_mode:
+            os.link(self.path, name)
+        return name
+
+    def apply(self, decision):
+        backup = self.backup(decision)
+        try:
+            outcomes = api.apply(self.path, decision,
+                                 mode=module_support.creation_mode(self.module))
+        except Qcow2Error as exc:
+            if backup and os.path.lexists(backup) and os.path.exists(self.path) and \
+                    os.path.samefile(backup, self.path):
+                os.unlink(backup)   # nothing was replaced: the old file is still at path
+            if not getattr(exc, "modified", False):
+                raise
+            self.fail("%s (the file was changed before the failure: %s)"
+                      % (exc, "; ".join(exc.done) or "partial writes"),
+                      changed=True, actions=list(exc.done), option=exc.option,
+                      image=api.public_view(_observe_quietly(self.path)))
+        if backup and not self.module.check_mode:
+            self.result["backup_file"] = backup
+        for outcome in outcomes:
+            if isinstance(outcome, dict) and outcome.get("method"):
+                self.result["method"] = outcome["method"]
+                if outcome["method"].startswith("zero-writes") and \
+                        self.params["preallocation"] == "falloc":
+                    self.result["actions"].append(
+                        "the filesystem refused fallocate: zeros were written instead")
+
+    def run(self):
+        module = self.module
+        self.check_path()
+        observed, decision = self.decide()
+        if not module.check_mode and decision.actions:
+            self.apply(decision)
+        # Observe again only when something was done; otherwise the first look is current.
+        after = api.observe(self.path) if decision.actions and not module.check_mode \
+            else observed
+        diff = {"before": dict(decision.before), "after": dict(decision.after),
+                "before_header": self.given, "after_header": self.given}
+        if not module.check_mode:
+            diff["after"] = reconcile.image_view(after)
+            if decision.after.get("content", "").startswith("a new, empty image (the old"):
+                diff["after"]["content"] = decision.after["content"]
+        changed = decision.changed
+        if self.params["state"] == "present" and (after is not None or module.check_mode) and \
+                os.path.exists(self.path):
+            file_args = module.load_file_common_arguments(self.params, path=self.path)
+            changed = module.set_fs_attributes_if_different(file_args, changed, diff=diff)
+        self.result["changed"] = changed
+        self.result["image"] = api.public_view(after)
+        if module._diff:
+            self.result["diff"] = diff
+        module.exit_json(**self.result)
 
 
 def main():
@@ -316,7 +487,7 @@ def main():
             preallocation=dict(type="str", default="off",
                                choices=["off", "metadata", "falloc", "full"]),
             cluster_size=dict(type="raw"),
-            compat=dict(type="str", choices=["0.10", "1.1", "v2", "v3"]),
+            compat=dict(type="raw"),
             refcount_bits=dict(type="int", choices=[1, 2, 4, 8, 16, 32, 64]),
             lazy_refcounts=dict(type="bool"),
             extended_l2=dict(type="bool"),
@@ -327,91 +498,21 @@ def main():
             data_file_raw=dict(type="bool"),
             nocow=dict(type="bool", default=False),
             force=dict(type="bool", default=False),
+            backup=dict(type="bool", default=False),
+            follow=dict(type="bool", default=False),
         ),
         required_together=[("backing_file", "backing_fmt")],
         required_by={"data_file_raw": "data_file"},
         add_file_common_args=True,
         supports_check_mode=True,
     )
-    params = module.params
-    path = params["path"]
-    result = dict(changed=False, actions=[], image={})
+    runner = Runner(module)
     try:
-        if os.path.islink(path):
-            module.fail_json(msg="%s is a symbolic link; give the real path of the image "
-                                 "(links are never followed into another place)" % path,
-                             **result)
-        if params["data_file"] and not os.path.isabs(params["data_file"]):
-            module.fail_json(msg="data_file must be an absolute path (QEMU resolves relative "
-                                 "data file names against its own working directory)",
-                             **result)
-        declared = dict((k, params[k]) for k in (
-            "size", "preallocation", "cluster_size", "compat", "refcount_bits",
-            "lazy_refcounts", "extended_l2", "compression_type", "backing_file", "backing_fmt",
-            "data_file", "data_file_raw", "nocow"))
-        observed = api.observe(path)
-        decision = reconcile.decide(declared, observed, state=params["state"],
-                                    force=params["force"])
-        if decision.failure:
-            module.fail_json(msg="%s: %s" % (path, decision.failure),
-                             image=api.public_view(observed), actions=[],
-                             conflicts=decision.conflicts)
-        if decision.conflicts and not params["force"]:
-            module.fail_json(
-                msg="%s: the existing image does not match the declaration and changing it "
-                    "would lose or rewrite data; set force=true to recreate it (destroying its "
-                    "content). Differences: %s" % (path, "; ".join(decision.conflicts)),
-                conflicts=decision.conflicts, image=api.public_view(observed), actions=[])
-        # Validate a creation fully before doing (or predicting) anything, and run the
-        # in-place guard (consistency, guest-view rules) the real run would run.
-        for action in decision.actions:
-            if action.kind in ("create", "recreate"):
-                api.parse_options(path, action.args["values"])
-        try:
-            api.preflight(path, decision)
-        except Qcow2Error as exc:
-            module.fail_json(msg=str(exc), image=api.public_view(observed), actions=[],
-                             wanted=decision.texts())
-        result["actions"] = decision.texts()
-        if decision.conflicts:
-            result["conflicts"] = decision.conflicts
-        changed = decision.changed
-        if not module.check_mode and decision.actions:
-            try:
-                outcomes = api.apply(path, decision, mode=_creation_mode(module))
-            except Qcow2Error as exc:
-                if not getattr(exc, "modified", False):
-                    raise
-                module.fail_json(msg="%s (the file was changed before the failure: %s)"
-                                     % (exc, "; ".join(exc.done) or "partial writes"),
-                                 changed=True, actions=list(exc.done), option=exc.option,
-                                 image=api.public_view(_observe_quietly(path)))
-            for outcome in outcomes:
-                if isinstance(outcome, dict) and outcome.get("method"):
-                    result["method"] = outcome["method"]
-                    if outcome["method"].startswith("zero-writes") and \
-                            params["preallocation"] == "falloc":
-                        result["actions"].append(
-                            "the filesystem refused fallocate: zeros were written instead")
-        # Observe again only when something was done; otherwise the first look is current.
-        after = api.observe(path) if decision.actions and not module.check_mode else observed
-        diff = {"before": dict(decision.before), "after": dict(decision.after)}
-        if not module.check_mode:
-            diff["after"] = reconcile.image_view(after)
-        if params["state"] == "present" and (after is not None or module.check_mode) and \
-                os.path.exists(path):
-            file_args = module.load_file_common_arguments(params, path=path)
-            changed = module.set_fs_attributes_if_different(file_args, changed, diff=diff)
-        result["changed"] = changed
-        result["image"] = api.public_view(after)
-        if module._diff:
-            result["diff"] = diff
-        module.exit_json(**result)
+        runner.run()
     except Qcow2Error as exc:
-        module.fail_json(msg=str(exc), option=exc.option, **result)
+        runner.fail(str(exc), option=exc.option)
     except OSError as exc:
-        module.fail_json(msg="%s: %s" % (path, exc), exception=traceback.format_exc(),
-                         **result)
+        runner.fail("%s: %s" % (runner.path, exc), exception=traceback.format_exc())
 
 
 if __name__ == "__main__":

@@ -32,6 +32,12 @@ options:
       - Also run the full consistency check (like C(qemu-img check)) and return RV(image.check).
     type: bool
     default: false
+  follow:
+    description:
+      - When O(path) is a symbolic link, inspect the image it points to. By default (like
+        M(ansible.builtin.stat)) the link itself is reported (RV(islink)) and not followed.
+    type: bool
+    default: false
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
 attributes:
@@ -70,6 +76,14 @@ EXAMPLES = r"""
 """
 
 RETURN = r"""
+path:
+  description: The path as given.
+  returned: always
+  type: str
+islink:
+  description: Whether O(path) is a symbolic link (inspected only with O(follow=true)).
+  returned: always
+  type: bool
 exists:
   description: Whether a file exists at O(path).
   returned: always
@@ -195,6 +209,7 @@ image:
           elements: str
 """
 
+import os
 import traceback
 
 from ansible.module_utils.basic import AnsibleModule
@@ -208,17 +223,27 @@ def main():
         argument_spec=dict(
             path=dict(type="path", required=True),
             check=dict(type="bool", default=False),
+            follow=dict(type="bool", default=False),
         ),
         supports_check_mode=True,
     )
-    path = module.params["path"]
+    given = module.params["path"]
+    path = given
+    islink = os.path.islink(given)
+    if islink:
+        if not module.params["follow"]:
+            module.exit_json(changed=False, exists=True, islink=True, path=given, image={},
+                             warnings=["%s is a symbolic link; set follow=true to inspect the "
+                                       "image it points to" % given])
+        path = os.path.realpath(given)
     try:
         observed = api.observe(path, with_check=module.params["check"])
     except Qcow2Error as exc:
-        module.fail_json(msg=str(exc), exists=True, image={})
+        module.fail_json(msg=str(exc), exists=True, islink=islink, path=given, image={})
     except OSError as exc:
-        module.fail_json(msg="%s: %s" % (path, exc), exception=traceback.format_exc())
-    module.exit_json(changed=False, exists=observed is not None,
+        module.fail_json(msg="%s: %s" % (given, exc), exception=traceback.format_exc(),
+                         path=given)
+    module.exit_json(changed=False, exists=observed is not None, islink=islink, path=given,
                      image=api.public_view(observed))
 
 

@@ -232,6 +232,8 @@ REFUSALS = [
     ({"size": "1G", "preallocation": "bogus"}, "preallocation"),
     ({"size": "1G", "backing_file": "base.qcow2"}, "backing_fmt"),
     ({"size": "1G", "backing_fmt": "qcow2"}, "backing_fmt"),
+    ({"size": "1G", "backing_file": "base.qcow2", "backing_fmt": "vmdkx"}, "backing_fmt"),
+    ({"backing_file": "base.qcow2", "backing_fmt": "vmdkx"}, "backing_fmt"),
     ({"size": "1G", "backing_file": "base.qcow2", "backing_fmt": "qcow2",
       "preallocation": "metadata"}, "preallocation"),
     ({"size": "1G", "data_file_raw": True}, "data_file_raw"),

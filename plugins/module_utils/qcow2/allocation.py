@@ -21,7 +21,7 @@ try:
 except ImportError:  # pragma: no cover - non-Unix
     fcntl = None
 
-__all__ = ["allocation_state", "tail_leaks"]
+__all__ = ["allocation_state", "tail_leaks", "data_end"]
 
 DEFAULT_SCAN_LIMIT = 256 * 1024 * 1024  # bytes of written data allocation_state may read
 
@@ -366,3 +366,66 @@ def tail_leaks(path, image=None):
         # extended the file leaves them), though qemu-img check does not count them.
         return {"scanned": True, "clusters": leaked, "in_file": in_file, "first": first,
                 "end": last + 1}
+
+
+# ---------------------------------------------------------------------------------------------
+# where guest data ends (for shrinking)
+
+
+def _segments(img, a, b):
+    """(start, end) of the written parts of host bytes [a, b); the whole range when the
+    filesystem cannot say."""
+    try:
+        return [(x, y) for x, y, is_data in seek_segments(img, a, b) if is_data]
+    except OSError:
+        return [(a, b)]
+
+
+def _last_nonzero(img, host, length, budget):
+    """Bytes from `host` up to and including the last non-zero byte of [host, host+length):
+    0 when all read zeros, None when the budget ran out first."""
+    chunk = 1 << 20
+    for x, y in reversed(_segments(img, host, min(host + length, img.file_size))):
+        pos = y
+        while pos > x:
+            n = min(chunk, pos - x)
+            if budget[0] < n:
+                return None
+            budget[0] -= n
+            data = img.read(pos - n, n)
+            if data != zeros(n):
+                return pos - n + len(data.rstrip(b"\0")) - host
+            pos -= n
+    return 0
+
+
+@guard
+def data_end(path, image=None, scan_limit=DEFAULT_SCAN_LIMIT):
+    """The guest offset just past the last byte that may hold guest data (0: none).
+
+    Compressed clusters count as data; data clusters count up to their last non-zero written
+    byte (holes and unwritten extents read zeros and are skipped). At most `scan_limit` bytes
+    are read, scanning from the end; past it the answer is conservative (the end of the cluster
+    being scanned). With an external data file the tables alone decide.
+    """
+    with Opened(path, image) as img:
+        cs = img.cluster_size
+        vsize = img.virtual_size
+        runs = []
+        for idx, n, entry, bitmap in guest_runs(img, vsize):
+            ctype = img.cluster_type(entry)
+            if ctype == COMPRESSED:
+                runs.append((idx, n, None))
+            elif ctype == NORMAL and not (img.extended_l2 and
+                                          not bitmap & L2_BITMAP_ALL_ALLOC):
+                runs.append((idx, n, entry & C.L2E_OFFSET_MASK))
+        budget = [scan_limit]
+        for idx, n, host in reversed(runs):
+            if host is None or img.has_data_file:
+                return min((idx + n) * cs, vsize)
+            end = _last_nonzero(img, host, n * cs, budget)
+            if end is None:
+                return min((idx + n) * cs, vsize)
+            if end:
+                return min(idx * cs + end, vsize)
+        return 0

@@ -13,7 +13,7 @@ import stat
 from . import constants as C
 from .errors import Qcow2Error
 from .header import decode_cluster0
-from .options import CreateOptions
+from .options import CreateOptions, check_backing_fmt
 from .planner import plan_create
 from . import guest_rules
 from . import resize
@@ -25,6 +25,28 @@ def resolve_relative(image_path, name):
     if os.path.isabs(name):
         return name
     return os.path.join(os.path.dirname(os.path.abspath(image_path)), name)
+
+
+def backing_realpath(image_path, name):
+    """The file a backing name leads to (symbolic links resolved), for comparing names."""
+    return os.path.realpath(resolve_relative(image_path, name))
+
+
+def validate_declaration(declared):
+    """Check a declaration's own option rules before comparing it with anything: an impossible
+    combination is an error naming the option, not a conflict that force could 'fix'. The
+    backing file is not read (a missing size is taken as 1 MiB here)."""
+    from .reconcile import creation_values
+    values = creation_values(declared)
+    if values.get("size") is None:
+        values["size"] = 1 << 20
+    if values.get("backing_fmt"):
+        check_backing_fmt(str(values["backing_fmt"]))
+    if values.get("backing_file") and values.get("preallocation", "off") != "off" and \
+            not values.get("extended_l2"):
+        # Adopting an existing overlay may still be possible; the reconciler decides.
+        values["preallocation"] = "off"
+    return CreateOptions.from_dict(values)
 
 
 def backing_size(image_path, backing_file, backing_fmt):
@@ -58,6 +80,8 @@ def parse_options(path, values):
     when size is left out)."""
     values = dict(values)
     size_from_backing = None
+    if values.get("backing_fmt"):
+        check_backing_fmt(str(values["backing_fmt"]))
     if values.get("size") is None and values.get("backing_file") and values.get("backing_fmt"):
         size_from_backing = backing_size(path, values["backing_file"], values["backing_fmt"])
     return CreateOptions.from_dict(values, size_from_backing=size_from_backing)
@@ -149,7 +173,63 @@ def reclaim_leaks(path):
     return _reclaim(path)
 
 
-IN_PLACE = ("grow", "raise_preallocation", "upgrade_compat", "lazy_refcounts", "reclaim_leaks")
+IN_PLACE = ("grow", "shrink", "raise_preallocation", "upgrade_compat", "lazy_refcounts",
+            "reclaim_leaks")
+
+
+def _not_writable_reason(path):
+    """Why `path` (a file or a directory) cannot be written, or None when it can."""
+    if os.access(path, os.W_OK):
+        return None
+    try:
+        if os.statvfs(path).f_flag & os.ST_RDONLY:
+            return "read-only file system"
+    except OSError:
+        pass
+    if os.geteuid() == 0:
+        return "not writable even for root (an immutable or append-only attribute, or the " \
+               "file system refuses it)"
+    return "permission denied"
+
+
+def _check_directory(path, what):
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.exists(parent):
+        raise Qcow2Error("%s: the directory %s does not exist (it is not created; declare it "
+                         "with ansible.builtin.file first)" % (path, parent), path=path)
+    if not os.path.isdir(parent):
+        raise Qcow2Error("%s: %s is not a directory" % (path, parent), path=path)
+    reason = _not_writable_reason(parent)
+    if reason:
+        raise Qcow2Error("%s: cannot %s in %s: %s" % (path, what, parent, reason), path=path)
+
+
+def preflight_create(path, values, replace=False):
+    """Raise what creating (or replacing) the image at `path` would fail on before its first
+    write: options, the directory, the backing file, free space. Reads only."""
+    opts = values if isinstance(values, CreateOptions) else parse_options(path, values)
+    if is_block_device(path):
+        if not replace:
+            raise Qcow2Error("%s: is a block device that may hold data; writing an image onto "
+                             "it needs force" % path, path=path)
+        reason = _not_writable_reason(path)
+        if reason:
+            raise Qcow2Error("%s: cannot write the device: %s" % (path, reason), path=path)
+        return opts
+    _check_directory(path, "create the image")
+    if opts.backing_file:
+        backing = resolve_relative(path, opts.backing_file)
+        if not os.path.exists(backing):
+            raise Qcow2Error("backing_file: %s does not exist" % backing, option="backing_file")
+    if opts.data_file:
+        _check_directory(resolve_relative(path, opts.data_file), "create the data file")
+    writer.check_space(os.path.dirname(os.path.abspath(path)), plan_for(path, opts))
+    return opts
+
+
+def preflight_remove(path):
+    """Raise what removing the image at `path` would fail on. Reads only."""
+    _check_directory(path, "remove the image")
 
 
 def preflight(path, decision):
@@ -158,9 +238,17 @@ def preflight(path, decision):
     Reads only; check mode runs it so its prediction matches the real run."""
     from .editor import guard_image
     from .image import Image
+    for action in decision.actions:
+        if action.kind in ("create", "recreate"):
+            preflight_create(path, action.args["values"], replace=action.kind == "recreate")
+        elif action.kind == "remove":
+            preflight_remove(path)
     kinds = [a for a in decision.actions if a.kind in IN_PLACE]
     if not kinds:
         return
+    reason = _not_writable_reason(path)
+    if reason:
+        raise Qcow2Error("%s: cannot be changed in place: %s" % (path, reason), path=path)
     from .image import DECODE_ERRORS
     from .l2runs import RefcountError
     with Image.open(path) as img:
@@ -170,13 +258,15 @@ def preflight(path, decision):
             for action in kinds:
                 if action.kind == "grow":
                     guest_rules.plan_grow(img, action.args["size"], action.args["mode"], device)
+                elif action.kind == "shrink":
+                    guest_rules.plan_shrink(img, action.args["size"])
                 elif action.kind == "raise_preallocation" and action.args["current"] == "off":
                     guest_rules.plan_fill(img, action.args["target"], device)
         except DECODE_ERRORS + (RefcountError,) as exc:
             raise Qcow2Error("corrupt image %s: %s" % (path, exc), path=path)
 
 
-def observe(path, with_check=False):
+def observe(path, with_check=False, size=None):
     """Read-only description of what is at `path` for the reconciler (None when absent).
 
     Never writes and takes no lock, so it works on images a running VM holds.
@@ -229,9 +319,14 @@ def observe(path, with_check=False):
             "allocation_method": state.get("method"),
             "in_use": _in_use(lock, path),
             "snapshots": hdr.nb_snapshots,
+            "backing_file_realpath": backing_realpath(path, info["backing-filename"])
+            if info.get("backing-filename") else None,
             "fall_through_clusters": state.get("fall_through_clusters", 0),
             "leaked_clusters": tail["clusters"] if tail.get("scanned") else None,
         }
+        if size is not None and size < out["virtual_size"]:
+            # Only asked when a smaller size is declared: where the guest's data ends.
+            out["data_end"] = inspector.data_end(path, image=image)
         if with_check:
             result = inspector.check(path, image=image)
             out["check"] = {
@@ -282,6 +377,8 @@ def _apply_one(path, action, mode):
         return {"removed": path}
     if action.kind == "grow":
         return grow(path, action.args["size"], action.args["mode"])
+    if action.kind == "shrink":
+        return resize.shrink(path, action.args["size"])
     if action.kind == "raise_preallocation":
         return raise_preallocation(path, action.args["current"], action.args["target"])
     if action.kind == "upgrade_compat":
@@ -298,12 +395,15 @@ def _apply_one(path, action, mode):
 def _remove_unheld(path):
     """Remove an image unless a QEMU holds it (checked while we hold its lock)."""
     from .lock import WriteLock
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     try:
-        with WriteLock(fd):
-            os.unlink(path)
-    finally:
-        os.close(fd)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            with WriteLock(fd):
+                os.unlink(path)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise Qcow2Error("%s: cannot remove it: %s" % (path, exc.strerror or exc), path=path)
 
 
 IMAGE_KEYS = ("format", "virtual_size", "cluster_size", "compat", "refcount_bits",

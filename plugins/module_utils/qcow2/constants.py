@@ -25,6 +25,14 @@ MAX_L1_ENTRIES = MAX_L1_BYTES // 8
 MAX_REFTABLE_BYTES = 8 * 1024 * 1024     # QCOW_MAX_REFTABLE_SIZE
 MAX_BACKING_NAME = 1023
 MAX_BACKING_FMT = 15                      # the format name must be shorter than 16 bytes
+# The block drivers qemu-img 7.2 knows (`qemu-img --help`, "Supported formats"): a backing
+# format must name one of them, or QEMU cannot open the image.
+BACKING_FORMATS = (
+    "blkdebug", "blklogwrites", "blkverify", "bochs", "cloop", "compress", "copy-before-write",
+    "copy-on-read", "dmg", "file", "ftp", "ftps", "gluster", "host_cdrom", "host_device", "http",
+    "https", "iscsi", "iser", "luks", "nbd", "nfs", "null-aio", "null-co", "nvme", "parallels",
+    "preallocate", "qcow", "qcow2", "qed", "quorum", "raw", "rbd", "replication",
+    "snapshot-access", "ssh", "throttle", "vdi", "vhdx", "vmdk", "vpc", "vvfat")
 MAX_SNAPSHOTS = 65536
 MAX_SIZE = (1 << 63) - 1                  # qemu-img refuses sizes above INT64_MAX
 MAX_HOST_OFFSET = 1 << 56                 # L1/L2/reftable offsets are 56-bit

@@ -285,5 +285,68 @@ def plan_fill(img, mode, device=False):
     return plan
 
 
-__all__ = ["Change", "GuestView", "MapPlan", "plan_map", "plan_tail", "plan_grow", "plan_fill",
-           "PREALLOC"]
+class ShrinkPlan(object):
+    """What a shrink unlinks: L2 tables (whole, or their entries from `lo`) and host runs."""
+
+    def __init__(self, old_size, new_size):
+        self.old_size = old_size
+        self.new_size = new_size
+        self.tables = []         # (l1 index, first guest cluster cleared, whole table, L2 offset)
+        self.release = []        # (first host cluster, count) of data clusters let go
+
+
+def plan_shrink(img, new_size):
+    """Validate shrinking to `new_size` and plan it (pure). None when nothing shrinks.
+
+    Refused when guest data lies past the new end (the guest would lose it), with internal
+    snapshots (their tables are shared), an external data file, or compressed clusters past the
+    end."""
+    from .allocation import data_end
+    old_size = img.header.size
+    new_size = (new_size + 511) // 512 * 512
+    if new_size >= old_size:
+        return None
+    path = img.path
+    if img.header.nb_snapshots:
+        raise Qcow2Error("size: the image has internal snapshots; it is not shrunk in place",
+                         option="size", path=path)
+    if img.has_data_file:
+        raise Qcow2Error("size: the image has an external data file; it is not shrunk in place",
+                         option="size", path=path)
+    end = data_end(path, image=img)
+    if end > new_size:
+        raise Qcow2Error("size: guest data lies up to byte %d, past the declared size %d; "
+                         "shrinking would discard it, so the image is not modified"
+                         % (end, new_size), option="size", path=path)
+    cs = img.cluster_size
+    per = img.l2_entries
+    first_gone = div_round_up(new_size, cs)
+    plan = ShrinkPlan(old_size, new_size)
+    for l1_index in range(first_gone // per, div_round_up(div_round_up(old_size, cs), per)):
+        entry = img.l1_entry(l1_index)
+        l2_off = entry & C.L1E_OFFSET_MASK
+        if not l2_off:
+            continue
+        if not entry & C.OFLAG_COPIED:
+            raise Qcow2Error("%s: L2 table %d is shared; the image is not shrunk in place"
+                             % (path, l1_index), path=path)
+        base = l1_index * per
+        lo = max(first_gone, base)
+        for idx, n, desc, _bitmap in img.l2_runs(img.read_l2(l2_off)):
+            a = max(lo, base + idx)
+            b = base + idx + n
+            if a >= b:
+                continue
+            ctype = img.cluster_type(desc)
+            if ctype == COMPRESSED:
+                raise Qcow2Error("%s: a compressed cluster lies past the new end; the image is "
+                                 "not shrunk in place" % path, path=path)
+            if ctype in (NORMAL, ZERO_ALLOC) and desc & C.L2E_OFFSET_MASK:
+                host = (desc & C.L2E_OFFSET_MASK) + (a - base - idx) * cs
+                plan.release.append((host // cs, b - a))
+        plan.tables.append((l1_index, lo, lo == base, l2_off))
+    return plan
+
+
+__all__ = ["Change", "GuestView", "MapPlan", "ShrinkPlan", "plan_map", "plan_tail", "plan_grow",
+           "plan_fill", "plan_shrink", "PREALLOC"]

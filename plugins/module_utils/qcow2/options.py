@@ -40,6 +40,10 @@ def parse_size(value, option="size"):
     elif isinstance(value, float):
         if math.isnan(value) or math.isinf(value):
             raise Qcow2Error("%s: %r is not a size" % (option, value), option=option)
+        if value != int(value):
+            raise Qcow2Error("%s: %r is a fraction of a byte; a bare number is bytes (did you "
+                             "mean '%sG' or '%sM'?)" % (option, value, value, value),
+                             option=option)
         number = int(value)
     elif isinstance(value, str):
         text = value.strip()
@@ -93,7 +97,24 @@ def parse_bool(value, option):
                      % (option, value), option=option)
 
 
+def check_backing_fmt(name):
+    """Refuse a backing format QEMU does not know (it could never open the image)."""
+    if len(name.encode("utf-8")) > C.MAX_BACKING_FMT:
+        raise Qcow2Error("backing_fmt: %r is longer than %d bytes" % (name, C.MAX_BACKING_FMT),
+                         option="backing_fmt")
+    if name not in C.BACKING_FORMATS:
+        raise Qcow2Error("backing_fmt: %r is not a format QEMU knows (for example raw, qcow2, "
+                         "vmdk, vdi, vhdx, vpc, qed, luks)" % name, option="backing_fmt")
+
+
 def parse_compat(value):
+    if isinstance(value, float) and abs(value - 0.1) < 1e-9:
+        raise Qcow2Error("compat: got the number 0.1: an unquoted 0.10 in YAML is a float; quote "
+                         "it (compat: '0.10')", option="compat")
+    return _parse_compat(value)
+
+
+def _parse_compat(value):
     """'0.10'/'v2' -> 2, '1.1'/'v3' -> 3."""
     text = str(value).strip().lower()
     if text in ("0.10", "v2", "2"):
@@ -185,8 +206,10 @@ class CreateOptions(object):
         if "cluster_size" in clean:
             cs = parse_size(clean["cluster_size"], "cluster_size")
             if cs < 512 or cs > 2 * 1024 * 1024 or cs & (cs - 1):
-                raise Qcow2Error("cluster_size: %d is not a power of two between 512 and 2M "
-                                 "(2097152) bytes" % cs, option="cluster_size")
+                raise Qcow2Error("cluster_size: %d is %s; qcow2 clusters are a power of two from "
+                                 "512 bytes to 2 MiB (2097152 bytes)"
+                                 % (cs, "not a power of two" if cs & (cs - 1) else
+                                    "out of range"), option="cluster_size")
             opts.cluster_size = cs
         if "compat" in clean:
             opts.version = parse_compat(clean["compat"])
@@ -279,9 +302,8 @@ class CreateOptions(object):
         if self.backing_file and len(self.backing_file.encode("utf-8")) > C.MAX_BACKING_NAME:
             raise Qcow2Error("backing_file: name longer than %d bytes" % C.MAX_BACKING_NAME,
                              option="backing_file")
-        if self.backing_fmt and len(self.backing_fmt.encode("utf-8")) > C.MAX_BACKING_FMT:
-            raise Qcow2Error("backing_fmt: %r is longer than %d bytes"
-                             % (self.backing_fmt, C.MAX_BACKING_FMT), option="backing_fmt")
+        if self.backing_fmt:
+            check_backing_fmt(self.backing_fmt)
         if self.backing_file and self.preallocation != "off" and not self.extended_l2:
             raise Qcow2Error("preallocation: a backing file and preallocation=%s can only be used "
                              "together when extended_l2 is on" % self.preallocation,

@@ -62,7 +62,8 @@ def normalise(declared):
     for flag in ("lazy_refcounts", "extended_l2", "data_file_raw", "nocow"):
         if declared.get(flag) is not None:
             out[flag] = parse_bool(declared[flag], flag)
-    for name in ("compression_type", "backing_file", "backing_fmt", "data_file"):
+    for name in ("compression_type", "backing_file", "backing_fmt", "data_file",
+                 "backing_file_realpath"):
         if declared.get(name) is not None:
             out[name] = str(declared[name])
     out["preallocation"] = declared.get("preallocation") or "off"
@@ -80,16 +81,34 @@ def creation_values(declared):
     return dict((k, declared[k]) for k in keys if declared.get(k) is not None)
 
 
+def human_size(n):
+    """A size as people read it: 64 MiB, 1.5 GiB, 512 B."""
+    for unit, shift in (("EiB", 60), ("PiB", 50), ("TiB", 40), ("GiB", 30), ("MiB", 20),
+                        ("KiB", 10)):
+        if n >= 1 << shift:
+            value = n / float(1 << shift)
+            text = ("%.2f" % value).rstrip("0").rstrip(".")
+            return "%s %s" % (text, unit)
+    return "%d B" % n
+
+
+def _sized(n):
+    return "%s (%d bytes)" % (human_size(n), n)
+
+
 def image_view(image):
     """The before/after shape of an observed image (None when absent)."""
     if image is None:
         return {"state": "absent"}
     if not image.get("qcow2"):
-        return {"state": "present", "format": image.get("format", "unknown")}
-    view = {"state": "present", "format": "qcow2", "size": image["virtual_size"],
-            "preallocation": image["preallocation"]}
+        return {"state": "present", "format": image.get("format", "unknown"),
+                "content": "a file that is not a qcow2 image"}
+    view = {"state": "present", "format": "qcow2", "virtual_size": image["virtual_size"],
+            "preallocation": image["preallocation"],
+            "content": "guest data" if image.get("guest_data") else "no guest data"}
     for key in COMPARED:
-        view[key] = image.get(key)
+        if image.get(key) is not None:
+            view[key] = image.get(key)
     return view
 
 
@@ -107,8 +126,14 @@ def decide(declared, image, state="present", force=False):
         if image is not None:
             if image.get("in_use"):
                 d.failure = "the image is in use by a running QEMU; it is not removed"
+            elif not image.get("qcow2") and not force:
+                d.conflicts.append("the file at path is not a qcow2 image (%s); it is removed "
+                                   "only with force" % _reason(image))
+                d.after = d.before
             else:
-                d.actions.append(Action("remove", "remove the image"))
+                d.actions.append(Action("remove", "remove the %s%s" % (
+                    "image" if image.get("qcow2") else "file (not a qcow2 image; force)",
+                    ", destroying its guest data" if image.get("guest_data") else "")))
         return d
 
     want = normalise(declared)
@@ -121,8 +146,7 @@ def decide(declared, image, state="present", force=False):
         return d
 
     if not image.get("qcow2"):
-        d.conflicts.append("the file at path is not a qcow2 image (%s); it is left alone"
-                           % image.get("reason", "unknown format"))
+        d.conflicts.append("the file at path is not a qcow2 image (%s)" % _reason(image))
     else:
         _compare(d, want, image)
     if d.conflicts:
@@ -135,10 +159,12 @@ def decide(declared, image, state="present", force=False):
             d.after = d.before
             d.actions = []
             return d
-        d.actions = [Action("recreate", "recreate the image from the declaration, destroying "
-                            "its content (force): " + "; ".join(d.conflicts),
-                            values=creation_values(declared))]
+        what = "replace the file with a new image" if not image.get("qcow2") else \
+            "recreate the image from the declaration"
+        d.actions = [Action("recreate", "%s, destroying its content (force), because: %s"
+                            % (what, "; ".join(d.conflicts)), values=creation_values(declared))]
         d.after = _after_create(want)
+        d.after["content"] = "a new, empty image (the old content is destroyed)"
         return d
     leaked = image.get("leaked_clusters") if image.get("qcow2") else None
     if leaked and not image.get("in_use") and not image.get("dirty"):
@@ -151,10 +177,16 @@ def decide(declared, image, state="present", force=False):
     return d
 
 
+def _reason(image):
+    reason = image.get("reason", "unknown format")
+    prefix = "not a qcow2 image: "
+    return reason[len(prefix):] if reason.startswith(prefix) else reason
+
+
 def _summary(want):
     parts = []
     if want.get("size") is not None:
-        parts.append("size %d" % want["size"])
+        parts.append("size %s" % _sized(want["size"]))
     parts.append("preallocation %s" % want["preallocation"])
     for key in COMPARED:
         if want.get(key) is not None:
@@ -167,11 +199,13 @@ def _after_create(want):
                                         if k in CreateOptions.KEYS and k != "nocow"),
                                    size_from_backing=0) if want.get("size") is not None \
         else None
-    view = {"state": "present", "format": "qcow2", "size": want.get("size"),
-            "preallocation": want["preallocation"]}
+    view = {"state": "present", "format": "qcow2", "virtual_size": want.get("size"),
+            "preallocation": want["preallocation"], "content": "a new, empty image"}
     for key in COMPARED:
-        view[key] = getattr(opts, key) if opts is not None and hasattr(opts, key) \
+        value = getattr(opts, key) if opts is not None and hasattr(opts, key) \
             else want.get(key)
+        if value is not None:
+            view[key] = value
     if opts is not None:
         view["compat"] = opts.compat
         view["preallocation"] = opts.effective_preallocation
@@ -187,6 +221,8 @@ def _compare(d, want, image):
     # Properties that cannot change without rewriting the image.
     for key in ("cluster_size", "refcount_bits", "extended_l2", "compression_type",
                 "backing_file", "backing_fmt", "data_file", "data_file_raw"):
+        if key == "backing_file" and _same_backing(want, image):
+            continue
         if key in want and want[key] != image.get(key):
             d.conflicts.append("%s is %s, declared %s" % (key, _show(image.get(key)),
                                                           _show(want[key])))
@@ -209,8 +245,14 @@ def _compare(d, want, image):
     size = want.get("size")
     mode = want["preallocation"]
     if size is not None and size < image["virtual_size"]:
-        d.conflicts.append("size is %d, declared %d (shrinking would discard data)"
-                           % (image["virtual_size"], size))
+        blocked = _shrink_blocked(image, size)
+        if blocked:
+            d.conflicts.append(blocked)
+        else:
+            d.actions.append(Action("shrink", "shrink the virtual size from %s to %s (no guest "
+                                    "data lies past the new end)"
+                                    % (_sized(image["virtual_size"]), _sized(size)), size=size))
+            after["virtual_size"] = size
     current = image["preallocation"]
     if C.prealloc_rank(mode) > C.prealloc_rank(current):
         blocked = _raise_blocked(image, current, mode)
@@ -228,11 +270,20 @@ def _compare(d, want, image):
         if blocked:
             d.conflicts.append(blocked)
         else:
-            d.actions.append(Action("grow", "grow the virtual size from %d to %d (new range: %s, "
-                                    "reads zeros)" % (image["virtual_size"], size, grow_mode),
+            d.actions.append(Action("grow", "grow the virtual size from %s to %s (new range: %s, "
+                                    "reads zeros)" % (_sized(image["virtual_size"]), _sized(size),
+                                                      grow_mode),
                                     size=size, mode=grow_mode))
-            after["size"] = size
+            after["virtual_size"] = size
     d.after = after
+
+
+def _same_backing(want, image):
+    """The declared and the recorded backing names lead to the same file (the recorded name
+    is kept as it is: the header is not rewritten)."""
+    declared = want.get("backing_file_realpath")
+    recorded = image.get("backing_file_realpath")
+    return bool(declared and recorded and declared == recorded)
 
 
 def _raise_blocked(image, current, mode):
@@ -253,6 +304,21 @@ def _raise_blocked(image, current, mode):
         return ("preallocation is off, declared %s, and the image has %d internal snapshot(s): "
                 "the L2 tables it shares with them are not copied in place, so its clusters are "
                 "not mapped (delete the snapshots first)" % (mode, image["snapshots"]))
+    return None
+
+
+def _shrink_blocked(image, size):
+    """Why shrinking in place is refused (None: no guest data lies past the new end)."""
+    base = "size is %d, declared %d (shrinking would discard data" % (image["virtual_size"], size)
+    highest = image.get("data_end")
+    if highest is None:
+        return base + ")"
+    if image.get("snapshots"):
+        return base + "; the image has internal snapshots)"
+    if image.get("data_file"):
+        return base + "; the image has an external data file)"
+    if highest > size:
+        return base + ": guest data lies up to byte %d)" % highest
     return None
 
 

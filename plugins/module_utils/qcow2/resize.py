@@ -42,7 +42,7 @@ from . import fileops
 from .allocator import div_round_up
 from .editor import editing
 from .errors import Qcow2Error
-from .guest_rules import plan_fill, plan_grow
+from .guest_rules import plan_fill, plan_grow, plan_shrink
 from .l2runs import NORMAL, ZERO_ALLOC
 from .refcounts import set_range
 from .tables import progression
@@ -75,6 +75,48 @@ def fill(path, mode="metadata"):
         result = _apply_map(ed, plan, mode, len(ed.l1))
         ed.done.append("mapped %d cluster(s)" % plan.to_map)
         return result
+
+
+def shrink(path, new_size):
+    """Lower the virtual size when no guest data lies past the new end (plan_shrink refuses
+    otherwise). The size goes first (the guest sees the smaller disk), then the clusters past
+    the end are unlinked and released, and the file is cut back when its end became free; a
+    crash in between leaves at worst leaked clusters."""
+    with editing(path) as ed:
+        plan = plan_shrink(ed, new_size)
+        if plan is None:
+            return {"changed": False}
+        cs, esz, per = ed.cs, ed.entry_size, ed.per_l2
+        ed.pwrite(24, struct.pack(">Q", plan.new_size))
+        ed.sync()
+        ed.header.size = plan.new_size
+        ed.done.append("shrank the virtual size from %d to %d" % (plan.old_size, plan.new_size))
+        l1_offset = ed.header.l1_table_offset
+        for l1_index, lo, whole, l2_off in plan.tables:
+            if whole:
+                ed.l1[l1_index] = 0
+                ed.pwrite(l1_offset + 8 * l1_index, bytes(8))
+            else:
+                table = bytearray(ed.l2_table(l1_index))
+                start = (lo - l1_index * per) * esz
+                table[start:] = bytes(len(table) - start)
+                ed.pwrite(l2_off, bytes(table))
+        ed.sync()
+        for first, count in plan.release:
+            ed.release(first, count)
+        for _l1_index, _lo, whole, l2_off in plan.tables:
+            if whole:
+                ed.release(l2_off // cs, 1)
+        ed.sync()
+        truncated = 0
+        end = (ed.last_refcounted() + 1) * cs
+        if not ed.device and ed.file_size > end:
+            truncated = ed.file_size - end
+            ed.truncate(end)
+            ed.sync()
+        return {"changed": True, "old_size": plan.old_size, "new_size": plan.new_size,
+                "released_clusters": sum(n for _f, n in plan.release),
+                "truncated_bytes": truncated}
 
 
 def _l1_entries(size, cs, entry_size):
@@ -427,4 +469,4 @@ def data_runs(ed):
         yield run_start, run_len * cs
 
 
-__all__ = ["grow", "fill", "raise_allocation", "data_runs"]
+__all__ = ["grow", "shrink", "fill", "raise_allocation", "data_runs"]
