@@ -6,8 +6,14 @@
 Seeds are real images of many option sets (made by the engine and by qemu-img, some with guest
 writes and a snapshot). Each input is a seed with seeded random mutations: byte flips,
 boundary values written over header and table fields, truncation and extension. Every input
-must end in the engine's error (Qcow2Error) or a valid result, within 2 s, and without the
-worker's address space growing past 256 MiB over its baseline (RLIMIT_AS).
+must end in the engine's error (Qcow2Error) or a valid result, within 2 s of CPU time, and
+without the worker's address space growing past 256 MiB over its baseline (RLIMIT_AS).
+
+The limit is CPU time (user + system, ITIMER_PROF), not wall-clock time: an input runs as long
+on a busy machine as on an idle one in CPU seconds, so a loaded machine (other jobs sharing the
+cores) cannot turn a 0.5 s input into a "hang", while a real hang (a loop that never ends) burns
+CPU and is stopped at 2 s. A wall-clock backstop (60 s, ITIMER_REAL) catches an input that
+blocks without using CPU. The slowest inputs are reported separately, by CPU and by wall time.
 
     python3 tests/reliability/fuzz_campaign.py --inputs 100000 --workers 2
 
@@ -35,7 +41,9 @@ sys.path.insert(0, os.path.join(ROOT, "plugins", "module_utils"))
 from qcow2 import api, inspector, reconcile  # noqa: E402
 from qcow2.errors import Qcow2Error  # noqa: E402
 
-TIME_LIMIT = 2
+CPU_LIMIT = 2.0  # seconds of CPU time (user + system) per input: the bound that counts
+WALL_LIMIT = 60.0  # seconds of wall-clock time per input: only a backstop for blocked inputs
+SLOWEST_KEPT = 5  # how many of the slowest inputs (by CPU time) the totals list
 MEMORY_LIMIT = 256 << 20
 BOUNDARY = (0, 1, 0x1FF, 0x200, 0x10000, 1 << 31, (1 << 32) - 1, 1 << 32, 1 << 55, 1 << 56,
             1 << 62, 1 << 63, (1 << 64) - 1)
@@ -109,12 +117,43 @@ def mutate(data, rng):
     return bytes(buf)
 
 
-class Hang(Exception):
-    pass
+class Hang(BaseException):
+    """An input ran out of its CPU time or its wall-clock backstop.
+
+    A BaseException, so that no `except Exception` in the code under test can swallow it."""
+
+    def __init__(self, limit):
+        BaseException.__init__(self, limit)
+        self.limit = limit
 
 
-def _alarm(signum, frame):
-    raise Hang()
+_armed = False
+
+
+def _expired(signum, frame):
+    # A signal already pending when the timers are disarmed must not hit the next input.
+    if _armed:
+        raise Hang("cpu" if signum == signal.SIGPROF else "wall")
+
+
+def _arm():
+    global _armed
+    _armed = True
+    signal.setitimer(signal.ITIMER_PROF, CPU_LIMIT)
+    signal.setitimer(signal.ITIMER_REAL, WALL_LIMIT)
+
+
+def _disarm():
+    global _armed
+    _armed = False
+    signal.setitimer(signal.ITIMER_PROF, 0)
+    signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+def _keep_slowest(slowest, entries):
+    """The SLOWEST_KEPT entries with the most CPU time (ties by wall time)."""
+    merged = sorted(slowest + entries, key=lambda e: (e["cpu_s"], e["wall_s"]), reverse=True)
+    return merged[:SLOWEST_KEPT]
 
 
 def exercise(path):
@@ -147,10 +186,11 @@ def worker(args):
     with open("/proc/self/statm") as handle:
         baseline = int(handle.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
     resource.setrlimit(resource.RLIMIT_AS, (baseline + MEMORY_LIMIT, hard))
-    signal.signal(signal.SIGALRM, _alarm)
+    signal.signal(signal.SIGPROF, _expired)
+    signal.signal(signal.SIGALRM, _expired)
     rng = random.Random(seed)
     totals = {"inputs": 0, "ok": 0, "error": 0, "crash": 0, "hang": 0, "memory": 0,
-              "slowest_s": 0.0}
+              "slowest_cpu_s": 0.0, "slowest_wall_s": 0.0, "slowest": []}
     workdir = tempfile.mkdtemp(prefix="fuzz-", dir="/dev/shm" if os.path.isdir("/dev/shm")
                                else None)
     path = os.path.join(workdir, "input.qcow2")
@@ -159,26 +199,37 @@ def worker(args):
             data = mutate(rng.choice(seeds), rng)
             with open(path, "wb") as handle:
                 handle.write(data)
-            start = time.monotonic()
-            signal.alarm(TIME_LIMIT)
+            start_wall = time.monotonic()
+            start_cpu = time.process_time()
             outcome = None
             detail = ""
             try:
+                _arm()
                 outcome = exercise(path)
-            except Hang:
+            except Hang as exc:
                 outcome = "hang"
+                detail = ("over %g s of CPU time" % CPU_LIMIT if exc.limit == "cpu"
+                          else "over %g s of wall-clock time" % WALL_LIMIT)
             except MemoryError:
                 outcome = "memory"
             except Exception as exc:  # noqa: BLE001 - any other exception is a finding
                 outcome = "crash"
                 detail = "%s: %s" % (type(exc).__name__, exc)
             finally:
-                signal.alarm(0)
-            elapsed = time.monotonic() - start
+                _disarm()
+            cpu = time.process_time() - start_cpu
+            wall = time.monotonic() - start_wall
             totals["inputs"] += 1
             totals[outcome] += 1
-            totals["slowest_s"] = max(totals["slowest_s"], elapsed)
+            totals["slowest_cpu_s"] = max(totals["slowest_cpu_s"], cpu)
+            totals["slowest_wall_s"] = max(totals["slowest_wall_s"], wall)
+            if (len(totals["slowest"]) < SLOWEST_KEPT
+                    or cpu > totals["slowest"][-1]["cpu_s"]):
+                totals["slowest"] = _keep_slowest(totals["slowest"], [
+                    {"input": n, "cpu_s": round(cpu, 3), "wall_s": round(wall, 3),
+                     "outcome": outcome}])
             if outcome in ("crash", "hang", "memory"):
+                detail = "%s\ncpu %.3f s, wall %.3f s" % (detail, cpu, wall)
                 os.makedirs(outdir, exist_ok=True)
                 with open(os.path.join(outdir, "input-%d.qcow2" % n), "wb") as handle:
                     handle.write(data)
@@ -206,12 +257,19 @@ def campaign(inputs, workers, seed=1, outdir=None):
         with multiprocessing.Pool(workers) as pool:
             results = pool.map(worker, jobs)
     totals = {"seeds": len(seeds), "seconds": round(time.monotonic() - start, 1)}
+    totals["cpu_limit_s"] = CPU_LIMIT
+    totals["wall_limit_s"] = WALL_LIMIT
+    slowest = []
     for res in results:
         for key, value in res.items():
-            if key == "slowest_s":
+            if key == "slowest":
+                slowest = _keep_slowest(slowest, value)
+            elif key in ("slowest_cpu_s", "slowest_wall_s"):
                 totals[key] = round(max(totals.get(key, 0.0), value), 3)
             else:
                 totals[key] = totals.get(key, 0) + value
+    # Last, so the one-line summary reads totals first.
+    totals["slowest"] = slowest
     return totals
 
 
