@@ -165,11 +165,21 @@ image:
       description: Whether a QEMU process holds the image open for writing (its lock bytes).
       type: bool
     guest_data:
-      description: Whether any mapped cluster holds written data.
+      description:
+        - Whether the guest has written data into the image (compressed clusters, or data
+          clusters whose written host bytes are not all zeros; at most 256 MiB are read,
+          past that the answer is V(true)).
       type: bool
+      sample: false
     allocation_method:
-      description: How the preallocation level was judged (C(fiemap), C(seek), C(st_blocks)).
+      description:
+        - How the preallocation level was judged from the host file, one of
+          C(fiemap) (extents, including unwritten ones), C(seek) (C(SEEK_DATA)/C(SEEK_HOLE)),
+          C(st_blocks) (the block count only), C(l2 tables (no host data clusters to inspect))
+          (no cluster is mapped), C(l2 tables only (the external data file is not inspected)),
+          or C(block device (every block allocated)).
       type: str
+      sample: fiemap
     snapshots:
       description: Number of internal snapshots.
       type: int
