@@ -61,7 +61,7 @@ options:
         C(iB), for example C(10G), C(512MiB), C(1.5T)). Rounded up to a multiple of 512
         like qemu-img.
       - Required to create an image unless O(backing_file) gives the size.
-      - A number is bytes (C(1.5) is refused: write C(1.5G)).
+      - A number is bytes (C(1.5) is refused; write C(1.5G)).
       - A larger size than the image's grows it in place. A smaller one shrinks it in place
         when no guest data lies past the new end (like C(qemu-img resize --shrink); check
         mode says which); otherwise it is a conflict.
@@ -115,13 +115,13 @@ options:
       - Backing file name to record in the image (relative names are relative to the image's
         directory). Requires O(backing_fmt); the format of a backing file is never guessed.
       - With a backing file, preallocation other than V(off) needs O(extended_l2=true).
-      - For an existing image the names are compared by the file they lead to: an absolute
+      - For an existing image the names are compared by the file they lead to; an absolute
         name for an image that records a relative one (or the reverse) is the same backing
         file, and the recorded name is kept as it is (the header is not rewritten).
     type: str
   backing_fmt:
     description:
-      - Format of O(backing_file), for example V(qcow2) or V(raw): a block driver name QEMU
+      - Format of O(backing_file), for example V(qcow2) or V(raw); a block driver name QEMU
         knows (an unknown name is refused, as qemu-img refuses it).
     type: str
   data_file:
@@ -313,9 +313,9 @@ method:
   sample: fallocate
 diff:
   description:
-    - With C(--diff), the image before and after (RV(diff.before), RV(diff.after):
-      C(state), C(format), C(virtual_size), C(preallocation), C(content) (whether it holds
-      guest data, and when the content is destroyed), the declared header fields, file
+    - With C(--diff), the image before and after in C(before) and C(after)
+      (C(state), C(format), C(virtual_size), C(preallocation), C(content) telling whether it
+      holds guest data and when the content is destroyed, the declared header fields, file
       attributes), and C(before_header)/C(after_header) naming the path.
   returned: when diff mode is on
   type: dict
@@ -330,8 +330,6 @@ from ansible_collections.vdisk.qcow2.plugins.module_utils import module_support
 from ansible_collections.vdisk.qcow2.plugins.module_utils.qcow2 import api
 from ansible_collections.vdisk.qcow2.plugins.module_utils.qcow2 import reconcile
 from ansible_collections.vdisk.qcow2.plugins.module_utils.qcow2.errors import Qcow2Error
-
-
 
 
 def _observe_quietly(path):
