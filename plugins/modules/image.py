@@ -141,6 +141,26 @@ options:
         qemu-img. Only applied when the file is created.
     type: bool
     default: false
+  source:
+    description:
+      - A file or block device on the managed host whose guest content a new image is made
+        from (a golden or cloud image), in O(source_format). Ranges of the source that read
+        zeros are not copied.
+      - Used only when the image is created (or recreated with O(force=true)). An existing
+        image is never compared with its source (the guest has written since); check mode
+        predicts exactly what a creation would do.
+      - O(size) defaults to the source's virtual size; a smaller size is refused.
+      - The source is opened read-only and never locked. An encrypted, corrupt or dirty source,
+        one a running QEMU writes to, and a qcow2 source whose backing chain lacks a recorded
+        format are refused before anything is written.
+    type: path
+  source_format:
+    description:
+      - Format of O(source), V(raw) (a file or block device) or V(qcow2) (with compressed,
+        zero and extended-L2 clusters, and its backing chain flattened). Required with
+        O(source); the format is never guessed.
+    type: str
+    choices: [raw, qcow2]
   backup:
     description:
       - When O(force=true) recreates or replaces the file at O(path), keep the old file
@@ -241,6 +261,14 @@ EXAMPLES = r"""
     cluster_size: 2M
     force: true
 
+- name: A VM disk made from a template, 40 GiB, preallocated (copied once, then left alone)
+  vdisk.qcow2.image:
+    path: /var/lib/images/web03.qcow2
+    source: /var/lib/images/templates/debian-12-genericcloud.qcow2
+    source_format: qcow2
+    size: 40G
+    preallocation: metadata
+
 - name: Remove an image (refused while a VM runs on it)
   vdisk.qcow2.image:
     path: /var/lib/images/old.qcow2
@@ -262,6 +290,11 @@ path:
   returned: always
   type: str
   sample: /var/lib/images/web01.qcow2
+source:
+  description: O(source) as given (not compared with an existing image).
+  returned: when O(source) is given
+  type: str
+  sample: /var/lib/images/templates/debian-12.qcow2
 backup_file:
   description: The backup of the old file kept by O(backup=true) when it was replaced.
   returned: when O(backup=true) and the file was recreated or replaced
@@ -344,7 +377,7 @@ def _declared(module, path):
     declared = dict((k, params[k]) for k in (
         "size", "preallocation", "cluster_size", "compat", "refcount_bits",
         "lazy_refcounts", "extended_l2", "compression_type", "backing_file", "backing_fmt",
-        "data_file", "data_file_raw", "nocow"))
+        "data_file", "data_file_raw", "nocow", "source", "source_format"))
     if declared["backing_file"]:
         declared["backing_file_realpath"] = api.backing_realpath(path, declared["backing_file"])
     return declared
@@ -359,6 +392,8 @@ class Runner(object):
         self.given = self.params["path"]
         self.path = self.given
         self.result = dict(changed=False, actions=[], image={}, path=self.given)
+        if self.params.get("source"):
+            self.result["source"] = self.params["source"]
 
     def fail(self, msg, **extra):
         out = dict(self.result)
@@ -498,8 +533,10 @@ def main():
             force=dict(type="bool", default=False),
             backup=dict(type="bool", default=False),
             follow=dict(type="bool", default=False),
+            source=dict(type="path"),
+            source_format=dict(type="str", choices=["raw", "qcow2"]),
         ),
-        required_together=[("backing_file", "backing_fmt")],
+        required_together=[("backing_file", "backing_fmt"), ("source", "source_format")],
         required_by={"data_file_raw": "data_file"},
         add_file_common_args=True,
         supports_check_mode=True,

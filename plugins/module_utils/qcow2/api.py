@@ -99,6 +99,46 @@ def is_block_device(path):
         return False
 
 
+def open_source(source, source_format):
+    """Open a source of guest content (raw or qcow2, read-only); a Source (close it)."""
+    from .source import open_source as _open
+    if source_format not in ("raw", "qcow2"):
+        raise Qcow2Error("source_format: %r is not raw or qcow2 (the format of a source is never "
+                         "guessed)" % (source_format,), option="source_format")
+    return _open(source, source_format)
+
+
+def source_options(path, values, source):
+    """CreateOptions for a copy of an open source: the size defaults to the source's."""
+    values = dict(values)
+    if values.get("size") is None:
+        values["size"] = source.size
+    opts = parse_options(path, values)
+    from .convert import check_source_fits
+    check_source_fits(opts, source)
+    return opts
+
+
+def create_from(path, values, source, source_format, replace=False, mode=0o644):
+    """Create the image at `path` with the guest content of a source. Returns a dict."""
+    from .convert import create_from_source
+    if os.path.islink(path):
+        raise Qcow2Error("%s: is a symbolic link; give the real path" % path, path=path)
+    if os.path.isdir(path):
+        raise Qcow2Error("%s: is a directory" % path, path=path)
+    src = open_source(source, source_format)
+    try:
+        if replace and os.path.lexists(path):
+            from . import lock
+            if _in_use(lock, path):
+                raise Qcow2Error("%s: the image is in use by a running QEMU; it is not replaced"
+                                 % path, path=path)
+        opts = source_options(path, values, src)
+        return create_from_source(path, opts, src, replace=replace, mode=mode)
+    finally:
+        src.close()
+
+
 def create(path, values, replace=False, mode=0o644, check_backing=True):
     """Create a qcow2 image at `path` from option values (dict). Returns a result dict."""
     if os.path.islink(path):
@@ -204,9 +244,22 @@ def _check_directory(path, what):
         raise Qcow2Error("%s: cannot %s in %s: %s" % (path, what, parent, reason), path=path)
 
 
-def preflight_create(path, values, replace=False):
+def preflight_create(path, values, replace=False, source=None, source_format=None):
     """Raise what creating (or replacing) the image at `path` would fail on before its first
-    write: options, the directory, the backing file, free space. Reads only."""
+    write: options, the directory, the backing file, the source, free space. Reads only."""
+    if source is not None:
+        from .convert import check_space as check_copy_space
+        src = open_source(source, source_format)
+        try:
+            opts = source_options(path, values, src)
+            if is_block_device(path):
+                raise Qcow2Error("%s: copying a source onto a block device is not supported"
+                                 % path, path=path)
+            _check_directory(path, "create the image")
+            check_copy_space(path, opts, src)
+            return opts
+        finally:
+            src.close()
     opts = values if isinstance(values, CreateOptions) else parse_options(path, values)
     if is_block_device(path):
         if not replace:
@@ -240,7 +293,9 @@ def preflight(path, decision):
     from .image import Image
     for action in decision.actions:
         if action.kind in ("create", "recreate"):
-            preflight_create(path, action.args["values"], replace=action.kind == "recreate")
+            preflight_create(path, action.args["values"], replace=action.kind == "recreate",
+                             source=action.args.get("source"),
+                             source_format=action.args.get("source_format"))
         elif action.kind == "remove":
             preflight_remove(path)
     kinds = [a for a in decision.actions if a.kind in IN_PLACE]
@@ -371,6 +426,10 @@ def apply(path, decision, mode=0o644):
 
 def _apply_one(path, action, mode):
     if action.kind in ("create", "recreate"):
+        if action.args.get("source"):
+            return create_from(path, action.args["values"], action.args["source"],
+                               action.args["source_format"],
+                               replace=action.kind == "recreate", mode=mode)
         return create(path, action.args["values"], replace=action.kind == "recreate", mode=mode)
     if action.kind == "remove":
         _remove_unheld(path)

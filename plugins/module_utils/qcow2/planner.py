@@ -57,6 +57,7 @@ class Plan(object):
         self.file_size = 0                 # final length of the image file
         self.data_file_size = 0            # final length of the external data file, if any
         self.zero_flag = False
+        self.data_bitmap = None            # extended L2: bitmap of every mapped cluster
 
     @property
     def guest_clusters(self):
@@ -118,7 +119,7 @@ def _cluster0_region(hdr, opts):
     return Region("header", 0, len(data), lambda: iter((data,)))
 
 
-def plan_create(opts, zero_flag=False):
+def plan_create(opts, zero_flag=False, data_bitmap=None):
     """Plan a new image for validated CreateOptions.
 
     `zero_flag` marks preallocated clusters as reading zeros (for targets without zero-init
@@ -140,6 +141,7 @@ def plan_create(opts, zero_flag=False):
             # falloc and full write zeros into every data cluster of a device: no flag needed.
             zero_flag = False
         plan.zero_flag = zero_flag
+        plan.data_bitmap = data_bitmap
         _plan_prealloc(plan, opts)
     return plan
 
@@ -238,6 +240,8 @@ def _plan_prealloc(plan, opts):
             # unallocated (reads fall through to zeros or the backing file) like QEMU, or
             # mark them as zero for targets without zero-initialisation.
             tail = 0xFFFFFFFF00000000 if zero else 0
+            if plan.data_bitmap is not None:
+                tail = plan.data_bitmap   # a copy: the data written into the clusters shows
             flags = C.OFLAG_COPIED
         else:
             tail = 0

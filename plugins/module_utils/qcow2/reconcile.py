@@ -137,11 +137,13 @@ def decide(declared, image, state="present", force=False):
         return d
 
     want = normalise(declared)
+    copy = _source_args(declared)
     if image is None:
-        if want.get("size") is None and not want.get("backing_file"):
+        if want.get("size") is None and not want.get("backing_file") and not copy:
             d.failure = "size is required to create the image"
-        d.actions.append(Action("create", "create the image (%s)" % _summary(want),
-                                values=creation_values(declared)))
+        d.actions.append(Action("create", "create the image (%s)%s"
+                                % (_summary(want), _source_text(copy)),
+                                values=creation_values(declared), **copy))
         d.after = _after_create(want)
         return d
 
@@ -161,8 +163,9 @@ def decide(declared, image, state="present", force=False):
             return d
         what = "replace the file with a new image" if not image.get("qcow2") else \
             "recreate the image from the declaration"
-        d.actions = [Action("recreate", "%s, destroying its content (force), because: %s"
-                            % (what, "; ".join(d.conflicts)), values=creation_values(declared))]
+        d.actions = [Action("recreate", "%s%s, destroying its content (force), because: %s"
+                            % (what, _source_text(copy), "; ".join(d.conflicts)),
+                            values=creation_values(declared), **copy)]
         d.after = _after_create(want)
         d.after["content"] = "a new, empty image (the old content is destroyed)"
         return d
@@ -175,6 +178,19 @@ def decide(declared, image, state="present", force=False):
                     % "; ".join(d.texts())
         d.actions = []
     return d
+
+
+def _source_args(declared):
+    """The source of a copy ({} when the image is created empty)."""
+    if not declared.get("source"):
+        return {}
+    return {"source": str(declared["source"]), "source_format": declared.get("source_format")}
+
+
+def _source_text(copy):
+    if not copy:
+        return ""
+    return ", its guest content copied from %s (%s)" % (copy["source"], copy["source_format"])
 
 
 def _reason(image):

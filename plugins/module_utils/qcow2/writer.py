@@ -18,6 +18,7 @@ written explicitly.
 
 import errno
 import os
+import stat
 import time
 
 from . import fileops
@@ -169,8 +170,9 @@ def allocate(fd, offset, length, mode, result, device=False):
     write_zeros(fd, offset, length, result)
 
 
-def apply_to_fd(fd, plan, device=False, nocow=False, extent_size_hint=0):
-    """Write a planned image into an open, empty file (or a block device)."""
+def apply_to_fd(fd, plan, device=False, nocow=False, extent_size_hint=0, content=None):
+    """Write a planned image into an open, empty file (or a block device). `content(fd, plan,
+    result)`, when given, writes the data clusters (including the zeros of `full`)."""
     result = WriteResult()
     start = time.monotonic()
     if not device:
@@ -192,7 +194,9 @@ def apply_to_fd(fd, plan, device=False, nocow=False, extent_size_hint=0):
     write_metadata(fd, plan, result, sparse=not device and plan.mode in ("off", "metadata"))
     if device:
         _zero_gaps(fd, plan, result)
-    if plan.mode == "full" or (device and plan.mode == "falloc"):
+    if content is not None:
+        content(fd, plan, result)
+    elif plan.mode == "full" or (device and plan.mode == "falloc"):
         allocate(fd, plan.data_offset, plan.data_length, "full", result, device)
     if not device:
         os.ftruncate(fd, plan.file_size)
@@ -281,33 +285,52 @@ def _temp_path(path):
     return os.path.join(directory, ".%s.%d.%d.tmp" % (name, os.getpid(), stamp))
 
 
-def create_file(path, plan, replace=False, mode=0o644, data_file_path=None):
+def write_all(fd, data, offset):
+    """pwrite all of `data` at `offset` (short writes continued)."""
+    _pwrite_all(fd, data, offset)
+
+
+def is_block_device_path(path):
+    try:
+        return stat.S_ISBLK(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def create_file(path, plan, replace=False, mode=0o644, data_file_path=None, apply=None,
+                content=None):
     """Create the image at `path` atomically. Returns a WriteResult.
 
     replace=False refuses when `path` exists (checked again at the final link, so a file that
     appears meanwhile is never overwritten). `data_file_path` is where the external data file
-    goes, for plans that have one.
+    goes, for plans that have one. `apply(fd)` replaces writing the plan (plan may then be
+    None); `content(fd, plan, result)` writes guest data into the planned layout.
     """
-    opts = plan.options
+    opts = plan.options if plan is not None else None
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise Qcow2Error("%s: the directory %s does not exist" % (path, directory), path=path)
     if not replace and os.path.lexists(path):
         raise Qcow2Error("%s: a file already exists at this path" % path, path=path)
     remove_stale_temp_files(path)
-    if opts.data_file and data_file_path:
+    if opts is not None and opts.data_file and data_file_path:
         remove_stale_temp_files(data_file_path)
-    check_space(directory, plan)
+    if plan is not None and content is None:
+        check_space(directory, plan)
     data_tmp = None
     tmp = _temp_path(path)
     fd = None
     try:
-        if opts.data_file:
+        if opts is not None and opts.data_file:
             data_tmp = _create_data_file(data_file_path, plan, replace, mode)
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
                      mode)
         os.fchmod(fd, mode & ~_umask())
-        result = apply_to_fd(fd, plan, nocow=opts.nocow, extent_size_hint=opts.extent_size_hint)
+        if apply is not None:
+            result = apply(fd)
+        else:
+            result = apply_to_fd(fd, plan, nocow=opts.nocow,
+                                 extent_size_hint=opts.extent_size_hint, content=content)
         os.close(fd)
         fd = None
         if data_tmp:

@@ -1,0 +1,328 @@
+# Copyright (c) 2026 vdisk.qcow2 developers
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""Creating an image whose guest content is copied from a source (a raw file or device, or a
+qcow2 image with its backing chain), with the declared options, size and preallocation.
+
+The new image is written like every new image: to a temporary file in the target directory,
+made durable, then linked or renamed into place, so a failure or a kill leaves the old state.
+
+Ranges of the source that read zeros are not copied: the source says which ranges surely read
+zeros (holes, zero and unallocated clusters) without reading them, and what it must read is
+checked for zeros again, piece by piece, before it is written.
+
+- ``off``: only clusters holding data get host clusters. The layout is computed as the copy
+  goes, in guest order: header, L1 table, then for each L2 table in turn the table followed by
+  its data clusters, and the refcount blocks and table last (every cluster counted once).
+- ``metadata``, ``falloc``, ``full``: the preallocated layout of `planner.plan_create` (every
+  guest cluster mapped, data clusters contiguous and in guest order); data is written in place,
+  zero ranges stay holes (metadata), fallocated (falloc) or are written as zeros (full). With
+  extended L2 the mapped clusters' subclusters are marked allocated, so the copied bytes show.
+"""
+
+import os
+import struct
+
+from . import constants as C
+from . import writer
+from .allocator import div_round_up
+from .errors import Qcow2Error
+from .header import encode_cluster0, standard_extensions
+from .planner import _base_header, l1_entries, plan_create
+from .tables import padded, progression, refcount_runs
+
+CHUNK = 8 * 1024 * 1024           # bytes read from the source at a time
+PIECE = 64 * 1024                 # zero detection granularity (at least one cluster)
+ALL_ALLOC = 0xFFFFFFFF            # extended L2 bitmap: every subcluster allocated
+
+
+def check_source_fits(opts, source):
+    """Refuse declarations a source cannot be copied into."""
+    if opts.size < source.size:
+        raise Qcow2Error("size: %d bytes is smaller than the source's %d bytes (%s); a copy "
+                         "never cuts the guest's disk" % (opts.size, source.size, source.path),
+                         option="size")
+    if opts.backing_file:
+        raise Qcow2Error("source: an image made from a source has no backing file (declare "
+                         "either source or backing_file)", option="source")
+    if opts.data_file:
+        raise Qcow2Error("source: copying a source into an image with an external data file "
+                         "is not supported", option="source")
+
+
+def data_bytes(source):
+    """Bytes of the source that may hold data (what a copy reads at most)."""
+    return sum(n for _off, n, is_data in source.extents() if is_data)
+
+
+def plan_for_source(opts):
+    """The preallocated plan a copy is written into (None for off)."""
+    if opts.effective_preallocation == "off":
+        return None
+    return plan_create(opts, data_bitmap=ALL_ALLOC if opts.extended_l2 else None)
+
+
+def check_space(path, opts, source):
+    """Refuse up front when the filesystem cannot hold the copy."""
+    plan = plan_for_source(opts)
+    if plan is not None and plan.mode in ("falloc", "full"):
+        need = plan.allocated_bytes
+    else:
+        need = data_bytes(source) + (plan.file_size - plan.data_length if plan else 0)
+    directory = os.path.dirname(os.path.abspath(path))
+    from . import fileops
+    have = fileops.free_bytes(directory)
+    if need > have:
+        raise Qcow2Error("not enough free space for the copy: it needs up to %d bytes, the "
+                         "filesystem holding %s has %d available" % (need, directory, have),
+                         option="source")
+
+
+def create_from_source(path, opts, source, replace=False, mode=0o644):
+    """Create the image at `path` from CreateOptions and an open source; returns a dict."""
+    check_source_fits(opts, source)
+    if writer.is_block_device_path(path):
+        raise Qcow2Error("%s: copying a source onto a block device is not supported" % path,
+                         path=path)
+    check_space(path, opts, source)
+    stats = {"copied_bytes": 0, "zero_bytes_skipped": 0}
+    plan = plan_for_source(opts)
+    if plan is None:
+        def apply(fd):
+            result = writer.WriteResult()
+            _write_sparse(fd, opts, source, stats)
+            result.method = "sparse"
+            return result
+        result = writer.create_file(path, None, replace=replace, mode=mode, apply=apply)
+        file_size = os.path.getsize(path)
+    else:
+        def content(fd, plan_, result):
+            _copy_into_plan(fd, plan_, source, stats)
+        result = writer.create_file(path, plan, replace=replace, mode=mode, content=content)
+        file_size = plan.file_size
+    out = result.as_dict()
+    out.update(stats)
+    out.update({"path": path, "file_size": file_size, "preallocation": opts.effective_preallocation,
+                "virtual_size": opts.size, "cluster_size": opts.cluster_size,
+                "source": source.describe()})
+    return out
+
+
+def _pieces(data, base, step):
+    """Yield (offset, bytes view) of the non-zero pieces of `data` (which starts at guest
+    offset `base`), coalescing neighbours; pieces are `step` bytes."""
+    view = memoryview(data)
+    zero = bytes(step)
+    start = None
+    for pos in range(0, len(data), step):
+        piece = view[pos:pos + step]
+        if piece == zero[:len(piece)]:
+            if start is not None:
+                yield base + start, view[start:pos]
+                start = None
+        elif start is None:
+            start = pos
+    if start is not None:
+        yield base + start, view[start:]
+
+
+def _aligned_extents(source, align):
+    """The source's extents with data ranges widened to `align` boundaries (within the
+    source), merged, and the zero ranges between them: [(offset, length, is_data)]."""
+    data = []
+    for off, length, is_data in source.extents():
+        if not is_data:
+            continue
+        a = off - off % align
+        b = min(div_round_up(off + length, align) * align, source.size)
+        if data and a <= data[-1][1]:
+            data[-1][1] = max(data[-1][1], b)
+        else:
+            data.append([a, b])
+    pos = 0
+    for a, b in data:
+        if a > pos:
+            yield pos, a - pos, False
+        yield a, b - a, True
+        pos = b
+    if pos < source.size:
+        yield pos, source.size - pos, False
+
+
+def _source_chunks(source, align):
+    """Yield (guest offset, bytes, length) of what the source may hold, in pieces of at most
+    CHUNK bytes starting on `align` boundaries, and (offset, None, length) for ranges that
+    surely read zeros."""
+    for off, length, is_data in _aligned_extents(source, align):
+        if not is_data:
+            yield off, None, length
+            continue
+        pos = off
+        end = off + length
+        while pos < end:
+            n = min(CHUNK - pos % CHUNK, end - pos)
+            yield pos, source.read(pos, n), n
+            pos += n
+
+
+def _copy_into_plan(fd, plan, source, stats):
+    """Write the source's data into a preallocated layout (data cluster g at data_offset +
+    g * cluster_size); zero ranges per mode."""
+    step = max(plan.cluster_size, PIECE)
+    base = plan.data_offset
+    full = plan.mode == "full"
+    for off, data, length in _source_chunks(source, plan.cluster_size):
+        if data is None:
+            if full:
+                writer.write_zeros(fd, base + off, length)
+            continue
+        if full:
+            writer.write_all(fd, data, base + off)
+            stats["copied_bytes"] += length
+            continue
+        for goff, piece in _pieces(data, off, step):
+            writer.write_all(fd, piece, base + goff)
+            stats["copied_bytes"] += len(piece)
+    if full and source.size < plan.data_length:
+        writer.write_zeros(fd, base + source.size, plan.data_length - source.size)
+    stats["zero_bytes_skipped"] = max(0, plan.options.size - stats["copied_bytes"])
+
+
+def _write_sparse(fd, opts, source, stats):
+    """preallocation=off: allocate host clusters only for guest clusters that hold data."""
+    cs = opts.cluster_size
+    esz = C.l2_entry_size(opts.extended_l2)
+    per_l2 = cs // esz
+    n_l1 = l1_entries(opts.size, cs, opts.extended_l2)
+    l1_clusters = div_round_up(n_l1 * 8, cs)
+    state = _SparseLayout(fd, cs, esz, per_l2, 1 + l1_clusters, opts.extended_l2)
+    l1 = [0] * n_l1
+    span = per_l2 * cs
+    for off, data, _length in _source_chunks(source, cs):
+        if data is None:
+            continue
+        for goff, piece in _pieces(data, off, cs):
+            # One L2 table at a time: its data clusters follow it on the host.
+            pos = 0
+            while pos < len(piece):
+                start = goff + pos
+                n = min(len(piece) - pos, (start // span + 1) * span - start)
+                first = start // cs
+                for k in range(div_round_up(n, cs)):
+                    table_host = state.map(first + k)
+                    if table_host is not None:
+                        l1[(first + k) // per_l2] = table_host | C.OFLAG_COPIED
+                state.data(piece[pos:pos + n])
+                stats["copied_bytes"] += n
+                pos += n
+    state.finish()
+    total_data = state.next
+    # Refcount blocks and table at the end; every cluster [0, end) has refcount 1.
+    rb_entries = cs * 8 >> opts.refcount_order
+    blocks = table = 0
+    while True:
+        end = total_data + blocks + table
+        new_blocks = div_round_up(end, rb_entries)
+        new_table = div_round_up(new_blocks * 8, cs)
+        if (new_blocks, new_table) == (blocks, table):
+            break
+        blocks, table = new_blocks, new_table
+    if table * cs > C.MAX_REFTABLE_BYTES:
+        raise Qcow2Error("size: the refcount table of the copy would exceed 8 MiB; use a larger "
+                         "cluster_size", option="size")
+    blocks_at, table_at = total_data, total_data + blocks
+    _write_chunks(fd, blocks_at * cs, refcount_runs(((0, end),), opts.refcount_order,
+                                                     blocks * cs))
+    _write_chunks(fd, table_at * cs, padded(progression(blocks_at * cs, cs, blocks),
+                                            table * cs))
+    if n_l1:
+        data = struct.pack(">%dQ" % n_l1, *l1)
+        writer.write_all(fd, data + bytes(l1_clusters * cs - len(data)), cs)
+    hdr = _base_header(opts)
+    hdr.l1_size = n_l1
+    hdr.l1_table_offset = cs if n_l1 else 0
+    hdr.refcount_table_offset = table_at * cs
+    hdr.refcount_table_clusters = table
+    exts = standard_extensions(opts.version, cs, opts.backing_fmt, opts.data_file)
+    writer.write_all(fd, encode_cluster0(hdr, exts, opts.backing_file), 0)
+    os.ftruncate(fd, end * cs)
+    os.fsync(fd)
+    stats["zero_bytes_skipped"] = max(0, opts.size - stats["copied_bytes"])
+
+
+def _write_chunks(fd, offset, chunks):
+    for piece in chunks:
+        writer.write_all(fd, piece, offset)
+        offset += len(piece)
+
+
+class _SparseLayout(object):
+    """Host clusters handed out in guest order: an L2 table before the first data cluster it
+    maps; consecutive data clusters are written together."""
+
+    def __init__(self, fd, cs, esz, per_l2, first_free, extended_l2):
+        self.fd = fd
+        self.cs = cs
+        self.esz = esz
+        self.per_l2 = per_l2
+        self.next = first_free
+        self.bitmap = struct.pack(">Q", ALL_ALLOC) if extended_l2 else b""
+        self.table_index = None
+        self.table = None
+        self.table_host = 0
+        self.pending = []         # data pieces to write at pending_at
+        self.pending_at = 0
+        self.pending_len = 0
+        self.hosts = []
+
+    def map(self, guest):
+        """Give guest cluster `guest` the next host cluster; returns the new L2 table's host
+        offset when one was started for it."""
+        started = None
+        index = guest // self.per_l2
+        if index != self.table_index:
+            self._flush_table()
+            self._flush_data()
+            self.table_index = index
+            self.table = bytearray(self.cs)
+            self.table_host = self.next * self.cs
+            self.next += 1
+            started = self.table_host
+        host = self.next * self.cs
+        self.next += 1
+        pos = (guest % self.per_l2) * self.esz
+        self.table[pos:pos + self.esz] = struct.pack(">Q", host | C.OFLAG_COPIED) + self.bitmap
+        self.hosts.append(host)
+        return started
+
+    def data(self, piece):
+        """The bytes of the clusters just mapped (in order)."""
+        first_host = self.hosts[0]
+        if self.pending and first_host != self.pending_at + self.pending_len:
+            self._flush_data()
+        if not self.pending:
+            self.pending_at = first_host
+        length = len(piece)
+        padded_len = div_round_up(length, self.cs) * self.cs
+        self.pending.append(bytes(piece) + bytes(padded_len - length))
+        self.pending_len += padded_len
+        self.hosts = []
+        if self.pending_len >= CHUNK:
+            self._flush_data()
+
+    def _flush_data(self):
+        if self.pending:
+            writer.write_all(self.fd, b"".join(self.pending), self.pending_at)
+            self.pending, self.pending_len = [], 0
+
+    def _flush_table(self):
+        if self.table is not None:
+            writer.write_all(self.fd, bytes(self.table), self.table_host)
+            self.table = None
+
+    def finish(self):
+        self._flush_table()
+        self._flush_data()
+
+
+__all__ = ["create_from_source", "check_source_fits", "check_space", "data_bytes"]
