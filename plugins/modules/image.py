@@ -413,6 +413,9 @@ class Runner(object):
                 self.fail("%s is a symbolic link; set follow=true to manage the image it points "
                           "to, or give the real path" % path)
             self.path = os.path.realpath(path)
+        if self.params["source"] and not os.path.isabs(self.params["source"]):
+            self.fail("source: %r is relative; give the template's absolute path"
+                      % self.params["source"], option="source")
         if self.params["data_file"] and not os.path.isabs(self.params["data_file"]):
             self.fail("data_file must be an absolute path (QEMU resolves relative data file "
                       "names against its own working directory)")

@@ -11,7 +11,13 @@ both have their data and metadata on disk when the clock stops; our engine also 
 Inspections run on images whose allocated bytes were read into the page cache first, on both
 sides.
 
-    python3 tests/perf/bench.py [--rounds 3] [--dir DIR] [--only NAME,...] [--no-e2e]
+    python3 tests/perf/bench.py [--rounds 3] [--dir DIR] [--only NAME|KIND,...] [--no-e2e]
+                                [--full-size SIZE]
+
+`--only convert` runs only the provisioning rows (a copy of a 2 GiB template, raw and
+compressed qcow2, into a 20 GiB image per preallocation mode, against `qemu-img convert` plus
+`qemu-img resize`); `--only create`, `check`, `state` select the other kinds, and a case's
+name selects that case.
 
 Writes JSON to tests/perf/results/bench-<timestamp>.json and prints a table, then the
 issue's targets with the measured value and whether each is met.
@@ -69,6 +75,38 @@ def timed(cmd, sync_path=None):
     return elapsed, usage.ru_maxrss
 
 
+def timed_seq(cmds, sync_path):
+    """Run cmds one after the other inside one timing (then `sync FILE`); returns (seconds,
+    the largest peak RSS in KiB among them)."""
+    start = time.perf_counter()
+    peak = 0
+    for cmd in cmds:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                env=TOOL_ENV if cmd[:2] == TOOL[:2] else None)
+        _pid, status, usage = os.wait4(proc.pid, 0)
+        err = proc.stderr.read().decode(errors="replace")
+        proc.stderr.close()
+        if status:
+            raise RuntimeError("%s failed (%d): %s" % (" ".join(cmd), status, err[-500:]))
+        peak = max(peak, usage.ru_maxrss)
+    subprocess.run(["sync", sync_path], check=True)
+    return time.perf_counter() - start, peak
+
+
+def drop_cache(path):
+    """Write back and drop `path`'s pages from the page cache (so a read starts cold)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def allocated(path):
+    return os.stat(path).st_blocks * 512
+
+
 def warm_cache(path):
     """Read every allocated byte of `path` (holes are skipped) into the page cache."""
     fd = os.open(path, os.O_RDONLY)
@@ -91,7 +129,9 @@ def remove(*paths):
 
 
 class Case(object):
-    def __init__(self, name, mode, size, opts="", kind="create", reference="qemu-img"):
+    def __init__(self, name, mode, size, opts="", kind="create", reference="qemu-img",
+                 source=None):
+        self.source = source      # convert: "raw" or "qcow2" (the compressed template)
         self.name = name
         self.mode = mode
         self.size = size
@@ -174,6 +214,187 @@ def run_case(case, workdir, rounds):
     return out
 
 
+# Provisioning from a template (issue 13): a 2 GiB raw disk, half of it data in runs of
+# 4 KiB-aligned lengths between holes, and the same disk as a compressed qcow2 (as cloud
+# images ship); each copied into a larger image per preallocation mode.
+TEMPLATE_SIZE = 2 * GiB
+TEMPLATE_DATA = GiB
+TEMPLATE_RUNS = 256               # data runs (and as many holes)
+TEMPLATE_SEED = 13
+
+
+def template_runs():
+    """[(offset, length)] of the template's data runs: TEMPLATE_RUNS runs of random lengths
+    (multiples of 4 KiB, 64 KiB to about 20 MiB) adding up to TEMPLATE_DATA, separated by holes
+    adding up to the rest; the disk starts with data (a partition table) and ends in a hole."""
+    import random
+    rng = random.Random(TEMPLATE_SEED)
+
+    def lengths(total):
+        weights = [rng.lognormvariate(0, 1.2) for _ in range(TEMPLATE_RUNS)]
+        scale = total / sum(weights)
+        out = [max(16, int(w * scale) // 4096) * 4096 for w in weights]
+        out[-1] += total - sum(out)
+        return out
+
+    data = lengths(TEMPLATE_DATA)
+    holes = lengths(TEMPLATE_SIZE - TEMPLATE_DATA)
+    runs, pos = [], 0
+    for d, h in zip(data, holes):
+        runs.append((pos, d))
+        pos += d + h
+    assert pos == TEMPLATE_SIZE
+    return runs
+
+
+def template_pool(size=64 << 20):
+    """Bytes that compress like a filesystem's content (zlib about 2:1, never to nothing):
+    every 4 KiB block is 2 KiB of random bytes and 2 KiB of a short repeated record."""
+    rand = os.urandom(size // 2)
+    record = b"vdisk.qcow2 template record 0123456789 abcdefghij\n" * 41
+    out = bytearray()
+    for pos in range(0, size // 2, 2048):
+        out += rand[pos:pos + 2048]
+        out += record[:2048]
+    return bytes(out)
+
+
+def make_templates(workdir):
+    """The raw template and its compressed qcow2, made once and kept in `workdir` (remade when
+    the recipe changes). Returns {"raw": path, "qcow2": path, ...facts}."""
+    raw = os.path.join(workdir, "template.raw")
+    qcow = os.path.join(workdir, "template-c.qcow2")
+    stamp = os.path.join(workdir, "template.json")
+    recipe = {"size": TEMPLATE_SIZE, "data": TEMPLATE_DATA, "runs": TEMPLATE_RUNS,
+              "seed": TEMPLATE_SEED, "pool": "2K random + 2K record per 4K, 64 MiB", "v": 1}
+    if os.path.exists(stamp) and os.path.exists(raw) and os.path.exists(qcow):
+        with open(stamp) as handle:
+            facts = json.load(handle)
+        if facts.get("recipe") == recipe:
+            return facts
+    remove(raw, qcow, stamp)
+    sys.stderr.write("making the templates (2 GiB raw, 1 GiB of data; compressed qcow2) ...\n")
+    pool = template_pool()
+    fd = os.open(raw, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.ftruncate(fd, TEMPLATE_SIZE)
+        src = 0
+        for offset, length in template_runs():
+            end = offset + length
+            while offset < end:
+                n = min(end - offset, 8 << 20, len(pool) - src)
+                os.pwrite(fd, pool[src:src + n], offset)
+                offset += n
+                src = (src + n) % len(pool)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    start = time.perf_counter()
+    subprocess.run([QEMU_IMG, "convert", "-q", "-c", "-f", "raw", "-O", "qcow2", raw, qcow],
+                   check=True)
+    subprocess.run(["sync", qcow], check=True)
+    compress_s = time.perf_counter() - start
+    facts = {"recipe": recipe, "raw": raw, "qcow2": qcow,
+             "raw_allocated": allocated(raw), "qcow2_file_size": os.path.getsize(qcow),
+             "qcow2_allocated": allocated(qcow), "qemu_img_compress_s": compress_s}
+    with open(stamp, "w") as handle:
+        json.dump(facts, handle, indent=2)
+    return facts
+
+
+def convert_cmds(case, src, fmt, ours, ref):
+    """Ours: one `tools/qcow2 convert`; qemu-img: convert (the target gets the source's size)
+    then resize to the declared size with the same preallocation."""
+    mode = case.mode
+    a = [TOOL + ["convert", "-f", fmt, "-o", "size=%d,preallocation=%s" % (case.size, mode),
+                 src, ours]]
+    b = [[QEMU_IMG, "convert", "-q", "-f", fmt, "-O", "qcow2", "-o", "preallocation=" + mode,
+          src, ref],
+         [QEMU_IMG, "resize", "-q", "-f", "qcow2"] +
+         ([] if mode == "off" else ["--preallocation=" + mode]) + [ref, str(case.size)]]
+    return a, b
+
+
+def prepare_source(path, cache):
+    if cache == "warm":
+        warm_cache(path)
+    else:
+        drop_cache(path)
+
+
+def run_convert(case, workdir, rounds, templates, cache="warm", verify=True):
+    """A B A B ... of `tools/qcow2 convert` against qemu-img convert + resize; the source is
+    brought to the same cache state before every timing; the first round's outputs are
+    compared with the source (qemu-img compare) and checked, outside the timings."""
+    fmt = case.source
+    src = templates[fmt]
+    ours = os.path.join(workdir, "ours.qcow2")
+    ref = os.path.join(workdir, "ref.qcow2")
+    ours_t, ref_t, rss, ref_rss = [], [], [], []
+    facts = {}
+    for rnd in range(rounds):
+        remove(ours, ref)
+        a, b = convert_cmds(case, src, fmt, ours, ref)
+        prepare_source(src, cache)
+        t, r = timed_seq(a, ours)
+        ours_t.append(t)
+        rss.append(r)
+        prepare_source(src, cache)
+        t, r = timed_seq(b, ref)
+        ref_t.append(t)
+        ref_rss.append(r)
+        if rnd == 0:
+            facts = {"ours_file_size": os.path.getsize(ours), "ours_allocated": allocated(ours),
+                     "ref_file_size": os.path.getsize(ref), "ref_allocated": allocated(ref)}
+            if verify:
+                facts["verified"] = verify_copy(case, src, fmt, ours)
+        remove(ours, ref)
+    out = {
+        "name": case.name, "kind": case.kind, "mode": case.mode, "size": case.size,
+        "options": case.opts, "source_format": fmt, "source_cache": cache,
+        "reference": "qemu-img convert + resize", "rounds": rounds,
+        "ours_s": ours_t, "ref_s": ref_t,
+        "ours_median_s": statistics.median(ours_t), "ref_median_s": statistics.median(ref_t),
+        "ours_peak_rss_mib": max(rss) / 1024.0, "ref_peak_rss_mib": max(ref_rss) / 1024.0,
+    }
+    out["ratio"] = out["ours_median_s"] / out["ref_median_s"]
+    out.update(facts)
+    return out
+
+
+def verify_copy(case, src, fmt, image):
+    """qemu-img compare (source against the copy, zeros past the source's end) and qemu-img
+    check; `full` images larger than 4 GiB are only checked (comparing reads every zero)."""
+    out = {}
+    chk = subprocess.run([QEMU_IMG, "check", "-q", image], stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, universal_newlines=True)
+    out["qemu_img_check"] = "clean" if chk.returncode == 0 else chk.stdout.strip()[-300:]
+    if case.mode == "full" and case.size > 4 * GiB:
+        out["qemu_img_compare"] = "skipped (full > 4 GiB)"
+    else:
+        cmp_ = subprocess.run([QEMU_IMG, "compare", "-q", "-f", fmt, "-F", "qcow2", src, image],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              universal_newlines=True)
+        out["qemu_img_compare"] = "identical" if cmp_.returncode == 0 else \
+            "DIFFERENT (%d) %s" % (cmp_.returncode, cmp_.stdout.strip()[-300:])
+    return out
+
+
+def convert_cases(full_size):
+    out = []
+    for fmt, label in (("raw", "raw"), ("qcow2", "compressed qcow2")):
+        for mode in ("off", "metadata", "falloc", "full"):
+            size = full_size if mode == "full" else 20 * GiB
+            out.append(Case("convert %s to %s %dG" % (label, mode, size // GiB), mode, size,
+                            kind="convert", reference="qemu-img convert + resize",
+                            source=fmt))
+    return out
+
+
+# Issue 13's limits: ours/qemu-img from a raw source, from a compressed qcow2 source.
+CONVERT_LIMITS = {"raw": 0.8, "qcow2": 1.0}
+
+
 CASES = [
     Case("metadata 100G", "metadata", 100 * GiB),
     Case("metadata 1T", "metadata", TiB),
@@ -254,6 +475,13 @@ def targets(results, e2e_res):
     for name, key, limit in TARGETS:
         if name in by_name:
             out.append(("%s %s" % (name, key), by_name[name][key], limit))
+    for r in results:
+        if r["kind"] == "convert":
+            out.append(("%s ratio" % r["name"], r["ratio"], CONVERT_LIMITS[r["source_format"]]))
+    converts = [r for r in results if r["kind"] == "convert"]
+    if converts and len(converts) < len(results):
+        peak = max(converts, key=lambda r: r["ours_peak_rss_mib"])
+        out.append(("convert peak RSS MiB (%s)" % peak["name"], peak["ours_peak_rss_mib"], 200))
     if results:
         peak = max(results, key=lambda r: r["ours_peak_rss_mib"])
         out.append(("peak RSS MiB (%s)" % peak["name"], peak["ours_peak_rss_mib"], 200))
@@ -268,18 +496,30 @@ def main():
     parser.add_argument("--dir", default=os.path.join(ROOT, ".scratch", "bench"))
     parser.add_argument("--only", default="")
     parser.add_argument("--no-e2e", action="store_true")
+    parser.add_argument("--full-size", default="20",
+                        help="GiB of the convert rows' full target (the others are 20 GiB)")
+    parser.add_argument("--source-cache", choices=["warm", "cold"], default="warm",
+                        help="convert rows: the template read into the page cache before every "
+                        "timing (warm), or dropped from it (cold)")
     args = parser.parse_args()
     if QEMU_IMG is None:
         sys.exit("qemu-img is needed as the reference (apt-get install qemu-utils)")
     os.makedirs(args.dir, exist_ok=True)
+    load_at_start = list(os.getloadavg())   # other work on the machine perturbs the timings
     warm_up()
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     results = []
-    for case in CASES:
-        if only and case.name not in only:
+    templates = None
+    for case in CASES + convert_cases(int(float(args.full_size) * GiB)):
+        if only and case.name not in only and case.kind not in only:
             continue
         sys.stderr.write("running %s ...\n" % case.name)
-        res = run_case(case, args.dir, args.rounds)
+        if case.kind == "convert":
+            if templates is None:
+                templates = make_templates(args.dir)
+            res = run_convert(case, args.dir, args.rounds, templates, args.source_cache)
+        else:
+            res = run_case(case, args.dir, args.rounds)
         results.append(res)
         sys.stderr.write("  ours %.3f s  qemu-img %.3f s  ratio %.3f  rss %.0f MiB\n" % (
             res["ours_median_s"], res["ref_median_s"], res["ratio"], res["ours_peak_rss_mib"]))
@@ -289,9 +529,12 @@ def main():
                                           universal_newlines=True).stdout.splitlines()[0],
                "filesystem": subprocess.run(["df", "-T", args.dir], stdout=subprocess.PIPE, check=True,
                                             universal_newlines=True).stdout.splitlines()[-1],
-               "kernel": os.uname().release}
+               "kernel": os.uname().release,
+               "loadavg_at_start": load_at_start, "loadavg_at_end": list(os.getloadavg())}
     doc = {"when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine,
            "results": results, "e2e": e2e_res, "targets": targets(results, e2e_res)}
+    if templates:
+        doc["templates"] = templates
     outdir = os.path.join(HERE, "results")
     os.makedirs(outdir, exist_ok=True)
     path = os.path.join(outdir, "bench-%s.json" % time.strftime("%Y%m%d-%H%M%S"))
@@ -304,8 +547,11 @@ def main():
         if "dd_bs8M_fsync_s" in r:
             note = "dd bs=8M conv=fsync %.3f s (ours/dd %.2f)" % (
                 r["dd_bs8M_fsync_s"], r["ours_vs_dd"])
-        if r["kind"] != "create":
+        if r["kind"] not in ("create", "convert"):
             note = "against %s" % r["reference"]
+        if r["kind"] == "convert":
+            note = "qemu-img RSS %.0f MiB; %s" % (
+                r["ref_peak_rss_mib"], ", ".join("%s" % v for v in r.get("verified", {}).values()))
         print("| %s | %.3f | %.3f | %.3f | %.0f | %s |" % (
             r["name"], r["ours_median_s"], r["ref_median_s"], r["ratio"],
             r["ours_peak_rss_mib"], note))

@@ -1,10 +1,14 @@
 # Copyright (c) 2026 vdisk.qcow2 developers
 # GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
 # SPDX-License-Identifier: GPL-3.0-or-later
-"""Draw the benchmark's results: time against size per mode, ours beside qemu-img, and the
-inspections of the 1 TiB metadata image side by side.
+"""Draw the benchmark's results: time against size per mode, ours beside qemu-img, the
+inspections of the 1 TiB metadata image side by side, and (second row) the copies of a
+template per preallocation mode against qemu-img convert + resize.
 
-    python3 tests/perf/chart.py tests/perf/results/bench-XXXX.json docs/performance.png
+    python3 tests/perf/chart.py tests/perf/results/bench-XXXX.json [MORE.json ...] docs/performance.png
+
+With several result files the cases are merged, a later file's case replacing an earlier one of
+the same name (for example a full run and a later `--only convert` run).
 
 Needs matplotlib (tests/perf/run.sh installs it into .venv-perf).
 """
@@ -18,14 +22,52 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def main(src, dst):
-    with open(src) as handle:
-        doc = json.load(handle)
-    creates = [r for r in doc["results"] if r["kind"] == "create"]
+def load(srcs):
+    """Merged results of the files (later ones replace cases of the same name), and the
+    dates of the runs each kind of case comes from."""
+    by_name, when = {}, {}
+    for src in srcs:
+        with open(src) as handle:
+            doc = json.load(handle)
+        for r in doc["results"]:
+            by_name[r["name"]] = r
+            kind = "convert" if r["kind"] == "convert" else "create"
+            when[kind] = doc["when"]
+    return list(by_name.values()), when
+
+
+def convert_panel(ax, rows, title):
+    """Bars per mode: ours beside qemu-img convert + resize, the ratio above ours."""
     modes = ["off", "metadata", "falloc", "full"]
-    inspections = [r for r in doc["results"] if r["kind"] != "create"]
+    rows = sorted(rows, key=lambda r: modes.index(r["mode"]))
+    xs = range(len(rows))
+    ours = ax.bar([x - 0.2 for x in xs], [r["ours_median_s"] for r in rows], 0.4,
+                  label="vdisk.qcow2 engine")
+    ax.bar([x + 0.2 for x in xs], [r["ref_median_s"] for r in rows], 0.4,
+           label="qemu-img 7.2 convert + resize")
+    for bar, r in zip(ours, rows):
+        ax.annotate("%.2f\u00d7" % r["ratio"], (bar.get_x() + bar.get_width() / 2,
+                                                bar.get_height()),
+                    ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels(["%s\n%d GiB" % (r["mode"], r["size"] // 2 ** 30) for r in rows])
+    ax.set_title(title)
+    ax.set_ylabel("seconds (median, durable)")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def main(srcs, dst):
+    results, when = load(srcs)
+    creates = [r for r in results if r["kind"] == "create"]
+    modes = ["off", "metadata", "falloc", "full"]
+    inspections = [r for r in results if r["kind"] in ("check", "state")]
+    converts = [r for r in results if r["kind"] == "convert"]
     panels = len(modes) + (1 if inspections else 0)
-    fig, axes = plt.subplots(1, panels, figsize=(4 * panels, 4.2))
+    top = 1 if creates or inspections else 0
+    fig = plt.figure(figsize=(4 * max(panels, 3), 4.2 * (top + (1 if converts else 0)) + 0.4))
+    grid = fig.add_gridspec(top + (1 if converts else 0), 2 * panels)
+    axes = [fig.add_subplot(grid[0, 2 * i:2 * i + 2]) for i in range(panels)] if top else []
     for ax, mode in zip(axes, modes):
         rows = sorted((r for r in creates if r["mode"] == mode and not r["options"]),
                       key=lambda r: r["size"])
@@ -60,10 +102,29 @@ def main(src, dst):
         ax.set_ylabel("seconds (median)")
         ax.grid(True, axis="y", alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle("Create time against size, and inspection, %s" % doc["when"])
+    if converts:
+        half = panels
+        sources = [("raw", "raw"), ("qcow2", "compressed qcow2")]
+        for i, (fmt, label) in enumerate(sources):
+            rows = [r for r in converts if r.get("source_format") == fmt]
+            ax = fig.add_subplot(grid[top, i * half:(i + 1) * half])
+            if not rows:
+                ax.set_visible(False)
+                continue
+            convert_panel(ax, rows, "copy of a 2 GiB template (1 GiB data, %s) into a new "
+                          "image" % label)
+    titles = []
+    if top:
+        titles.append("create time against size, and inspection (%s)" % when.get("create"))
+    if converts:
+        titles.append("provisioning from a template, ratio ours/qemu-img above our bars (%s)"
+                      % when.get("convert"))
+    fig.suptitle("; ".join(titles).capitalize(), fontsize=11)
     fig.tight_layout()
     fig.savefig(dst, dpi=110)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    if len(sys.argv) < 3:
+        sys.exit(__doc__)
+    main(sys.argv[1:-1], sys.argv[-1])

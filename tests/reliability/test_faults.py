@@ -66,6 +66,8 @@ CHILD = textwrap.dedent("""
         api.raise_preallocation(path, arg["current"], arg["target"])
     elif op == "reclaim":
         api.reclaim_leaks(path)
+    elif op == "convert":
+        api.create_from(path, arg["values"], arg["src"], arg["fmt"], replace=True)
     else:
         sys.exit("unknown operation %%r" %% op)
     print(json.dumps({"calls": calls[0]}))
@@ -646,3 +648,153 @@ def test_qemu_started_during_our_grow_is_refused(tmp_path):
         out = grower.communicate(timeout=600)[0]
     assert "GROWN" in out
     assert qemu_check(path)[0] == 0
+
+
+# ---------------------------------------------------------------- copies from a source
+
+def template(tmp_path, fmt, size=32 * MiB):
+    """A sparse raw template with data ranges (one at its end), or its compressed qcow2."""
+    raw = str(tmp_path / "template.raw")
+    fd = os.open(raw, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.ftruncate(fd, size)
+        os.pwrite(fd, b"\x5a" * (2 * MiB), 0)
+        os.pwrite(fd, os.urandom(MiB), 9 * MiB + 4096)
+        os.pwrite(fd, b"\x6b" * 3072, 20 * MiB + 512)
+        os.pwrite(fd, b"\x7c" * 65536, size - 65536)
+    finally:
+        os.close(fd)
+    if fmt == "raw":
+        return raw
+    path = str(tmp_path / "template.qcow2")
+    proc = run(QEMU_IMG, "convert", "-c", "-f", "raw", "-O", "qcow2", raw, path)
+    assert proc.returncode == 0, proc.stderr
+    return path
+
+
+def same_guest(src, fmt, path):
+    """qemu-img compare: `path` reads what the source reads (then zeros)."""
+    proc = run(QEMU_IMG, "compare", "-f", fmt, "-F", "qcow2", src, path)
+    return proc.returncode == 0 and "Images are identical" in proc.stdout
+
+
+def temp_files(directory):
+    return sorted(n for n in os.listdir(str(directory)) if n.endswith(".tmp"))
+
+
+@pytest.mark.parametrize("fmt,mode", [("raw", "off"), ("raw", "metadata"), ("raw", "full"),
+                                      ("qcow2", "off"), ("qcow2", "falloc")])
+def test_kill_during_convert_leaves_old_or_new(tmp_path, fmt, mode):
+    """A copy killed at any write over an existing image (replace): the path holds the old
+    image byte for byte or the complete new one, never half; the next run removes the
+    killed run's temporary file."""
+    src = template(tmp_path, fmt)
+    work = tmp_path / "images"
+    work.mkdir()
+    path = str(work / "img.qcow2")
+    arg = {"values": {"size": "48M", "preallocation": mode}, "src": src, "fmt": fmt}
+    kind = "convert/%s/%s" % (fmt, mode)
+
+    def old_image():
+        if os.path.exists(path):
+            os.unlink(path)
+        api.create(path, {"size": "16M"})
+        write_pattern(path, 0x33, 0, 65536)
+
+    old_image()
+    old = sha256(path)
+    total = count_calls("convert", path, arg)
+    assert same_guest(src, fmt, path) and qemu_check(path)[0] == 0
+    # A copy makes few writes (its data goes in large pieces): every one of them is a kill
+    # point when there are few, else a seeded random sample that always has the last one.
+    if total <= 2 * TRIALS:
+        points = list(range(1, total + 1))
+    else:
+        points = sorted(random.Random(kind).sample(range(1, total), TRIALS - 1)) + [total]
+    stale = 0
+    for trial, kill_at in enumerate(points):
+        old_image()
+        assert sha256(path) == old
+        where = "%s trial %d (kill at call %d of %d)" % (kind, trial, kill_at, total)
+        proc = child(kill_at, "convert", path, arg)
+        assert proc.returncode == -signal.SIGKILL, (where, proc.stderr)
+        if temp_files(work):
+            stale += 1
+        if sha256(path) == old:
+            record(kind, "old")
+        else:
+            code, data = qemu_check(path)
+            if code == 0 and inspector.info(path)["virtual-size"] == 48 * MiB \
+                    and same_guest(src, fmt, path):
+                record(kind, "new")
+            else:
+                record(kind, "corrupt")
+                pytest.fail("%s: half an image: check exit %d %s" % (where, code, data))
+        # The next run converges and removes the killed run's temporary file.
+        api.create_from(path, arg["values"], src, fmt, replace=True)
+        assert qemu_check(path)[0] == 0, where
+        assert same_guest(src, fmt, path), where
+        assert temp_files(work) == [], where
+        assert sorted(os.listdir(str(work))) == ["img.qcow2"], where
+    assert stale, "%s: no kill left a temporary file (%d trials): the campaign tests nothing " \
+        "of the cleanup" % (kind, len(points))
+
+
+def data_template(path, size):
+    """A raw file that is data from end to end (nothing for zero detection to skip)."""
+    chunk = bytes(range(256)) * (MiB // 256)
+    with open(path, "wb") as handle:
+        for _i in range(size // MiB):
+            handle.write(chunk)
+    return path
+
+
+def test_enospc_convert_refused_up_front(small_fs, tmp_path):
+    """A copy that cannot fit is refused before anything is written, naming the space (and
+    check mode's preflight says the same)."""
+    small = template(tmp_path, "raw", size=16 * MiB)
+    big = data_template(str(tmp_path / "big.raw"), 96 * MiB)
+    path = str(small_fs / "new.qcow2")
+    cases = [({"size": "128M", "preallocation": "falloc"}, small),
+             ({"size": "128M", "preallocation": "full"}, small),
+             ({"preallocation": "off"}, big),
+             ({"preallocation": "metadata"}, big)]
+    for values, src in cases:
+        with pytest.raises(Qcow2Error) as predicted:
+            api.preflight_create(path, values, source=src, source_format="raw")
+        with pytest.raises(Qcow2Error) as err:
+            api.create_from(path, values, src, "raw")
+        assert "not enough free space" in str(err.value), (values, str(err.value))
+        assert str(predicted.value) == str(err.value)
+        assert os.listdir(str(small_fs)) == [], values
+
+
+def test_enospc_mid_convert_cleans_up_and_keeps_the_old_image(small_fs, tmp_path, monkeypatch):
+    """Forced past the space check, a copy that fills the filesystem fails cleanly: nothing
+    left behind, an existing image untouched."""
+    from qcow2 import convert
+    monkeypatch.setattr(convert, "check_space", lambda path, opts, source: None)
+    small = template(tmp_path, "raw", size=16 * MiB)
+    big = data_template(str(tmp_path / "big.raw"), 96 * MiB)
+    path = str(small_fs / "img.qcow2")
+    cases = [({"preallocation": "off"}, big),
+             ({"preallocation": "metadata"}, big),
+             ({"size": "128M", "preallocation": "full"}, small),
+             ({"size": "128M", "preallocation": "falloc"}, small)]
+    for values, src in cases:
+        with pytest.raises(Qcow2Error) as err:
+            api.create_from(path, values, src, "raw")
+        assert "No space left" in str(err.value), (values, str(err.value))
+        assert os.listdir(str(small_fs)) == [], values
+    api.create(path, {"size": "8M", "preallocation": "full"})
+    write_pattern(path, 0x66, 0, 65536)
+    before = sha256(path)
+    for values, src in cases:
+        with pytest.raises(Qcow2Error) as err:
+            api.create_from(path, values, src, "raw", replace=True)
+        assert "No space left" in str(err.value), (values, str(err.value))
+        assert sha256(path) == before, values
+        assert sorted(os.listdir(str(small_fs))) == ["img.qcow2"], values
+    # With the space back, the same copy succeeds in place of the old image.
+    api.create_from(path, {"preallocation": "metadata"}, small, "raw", replace=True)
+    assert same_guest(small, "raw", path) and qemu_check(path)[0] == 0
