@@ -134,6 +134,7 @@ def create_from(path, values, source, source_format, replace=False, mode=0o644):
                 raise Qcow2Error("%s: the image is in use by a running QEMU; it is not replaced"
                                  % path, path=path)
         opts = source_options(path, values, src)
+        _check_directory(path, "create the image")
         return create_from_source(path, opts, src, replace=replace, mode=mode)
     finally:
         src.close()

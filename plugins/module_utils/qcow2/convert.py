@@ -71,7 +71,11 @@ def check_space(path, opts, source):
         need = data_bytes(source) + (plan.file_size - plan.data_length if plan else 0)
     directory = os.path.dirname(os.path.abspath(path))
     from . import fileops
-    have = fileops.free_bytes(directory)
+    try:
+        have = fileops.free_bytes(directory)
+    except OSError as exc:
+        raise Qcow2Error("%s: cannot check the free space in %s: %s"
+                         % (path, directory, exc.strerror or exc), path=path)
     if need > have:
         raise Qcow2Error("not enough free space for the copy: it needs up to %d bytes, the "
                          "filesystem holding %s has %d available" % (need, directory, have),
@@ -91,13 +95,14 @@ def create_from_source(path, opts, source, replace=False, mode=0o644):
         def apply(fd):
             result = writer.WriteResult()
             _write_sparse(fd, opts, source, stats)
-            result.method = "sparse"
+            result.method = "copy of the data clusters (sparse)"
+            result.bytes_written = stats["copied_bytes"]
             return result
         result = writer.create_file(path, None, replace=replace, mode=mode, apply=apply)
         file_size = os.path.getsize(path)
     else:
         def content(fd, plan_, result):
-            _copy_into_plan(fd, plan_, source, stats)
+            _copy_into_plan(fd, plan_, source, stats, result)
         result = writer.create_file(path, plan, replace=replace, mode=mode, content=content)
         file_size = plan.file_size
     out = result.as_dict()
@@ -165,7 +170,7 @@ def _source_chunks(source, align):
             pos += n
 
 
-def _copy_into_plan(fd, plan, source, stats):
+def _copy_into_plan(fd, plan, source, stats, result):
     """Write the source's data into a preallocated layout (data cluster g at data_offset +
     g * cluster_size); zero ranges per mode."""
     step = max(plan.cluster_size, PIECE)
@@ -174,17 +179,23 @@ def _copy_into_plan(fd, plan, source, stats):
     for off, data, length in _source_chunks(source, plan.cluster_size):
         if data is None:
             if full:
-                writer.write_zeros(fd, base + off, length)
+                writer.write_zeros(fd, base + off, length, result)
             continue
         if full:
             writer.write_all(fd, data, base + off)
             stats["copied_bytes"] += length
+            result.bytes_written += length
             continue
         for goff, piece in _pieces(data, off, step):
             writer.write_all(fd, piece, base + goff)
             stats["copied_bytes"] += len(piece)
+            result.bytes_written += len(piece)
     if full and source.size < plan.data_length:
-        writer.write_zeros(fd, base + source.size, plan.data_length - source.size)
+        writer.write_zeros(fd, base + source.size, plan.data_length - source.size, result)
+    result.method = {"metadata": "copy of the data into mapped clusters (zero ranges left as "
+                                 "holes)",
+                     "falloc": "fallocate, then copy of the data",
+                     "full": "copy of the data, zeros written elsewhere"}[plan.mode]
     stats["zero_bytes_skipped"] = max(0, plan.options.size - stats["copied_bytes"])
 
 

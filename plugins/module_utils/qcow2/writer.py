@@ -200,9 +200,7 @@ def apply_to_fd(fd, plan, device=False, nocow=False, extent_size_hint=0, content
         allocate(fd, plan.data_offset, plan.data_length, "full", result, device)
     if not device:
         os.ftruncate(fd, plan.file_size)
-    if plan.mode == "metadata":
-        result.method = "sparse"
-    elif plan.mode == "off":
+    if plan.mode in ("off", "metadata") and content is None:
         result.method = "sparse"
     if plan.mode == "full":
         os.fdatasync(fd)
