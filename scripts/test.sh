@@ -33,10 +33,11 @@ step "reliability: faults, kills, races, hostile files (default subset)" \
     .venv-test/bin/python -m pytest "${PYTEST_OPTS[@]}" tests/reliability -q -ra -s
 
 if [ -x .venv-py39/bin/python ]; then
-    step "engine unit, inspector, guest-view and block-device tests on Python 3.9" \
+    step "engine unit, inspector, guest-view, block-device, source and copy tests on Python 3.9" \
         .venv-py39/bin/python -m pytest "${PYTEST_OPTS[@]}" -q -ra \
         tests/engine/test_units.py tests/engine/test_inspector.py \
-        tests/engine/test_guest_view.py tests/engine/test_block_device.py
+        tests/engine/test_guest_view.py tests/engine/test_block_device.py \
+        tests/engine/test_source.py tests/engine/test_convert.py
 else
     echo "Python 3.9 is not available: engine tests on 3.9 skipped (setup-debian.sh said why)"
 fi
