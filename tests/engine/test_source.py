@@ -119,7 +119,7 @@ def assert_same_view(path, fmt, tmp, ranges=8):
         assert got == file_digest(expected, src.size), "guest view differs from qemu-img's"
         rng = random.Random(src.size)
         with open(expected, "rb") as handle:
-            for _ in range(ranges):
+            for _trial in range(ranges):
                 offset = rng.randrange(src.size)
                 length = rng.randrange(1, min(3 * MiB, src.size - offset) + 1)
                 handle.seek(offset)
@@ -356,7 +356,7 @@ def test_zstd_compressed(template, tmp_path, qemu_img, monkeypatch):
     # Without compressed clusters a zstd image is no problem.
     plain = str(tmp_path / "zstd-plain.qcow2")
     qimg("convert", "-f", "raw", "-O", "qcow2", "-o", "compression_type=zstd", template,
-             plain)
+         plain)
     assert_same_view(plain, "qcow2", tmp_path, ranges=1)
     try:
         from compression import zstd
@@ -406,7 +406,7 @@ def test_extended_l2_subclusters_over_a_backing_file(tmp_path, qemu_img):
     qemu_io(base, "write -P 0xaa 0 4M")
     top = str(tmp_path / "top.qcow2")
     qimg("create", "-q", "-f", "qcow2", "-o", "extended_l2=on", "-b", "base.qcow2",
-             "-F", "qcow2", top, "6M")
+         "-F", "qcow2", top, "6M")
     qemu_io(top, "write -P 0x01 4k 4k", "write -z 68k 8k", "discard 132k 4k",
             "write -P 0x02 1M 64k", "write -z 2M 64k", "write -c -P 0x03 3M 64k",
             "write -P 0x04 3136k 2k", "write -P 0x05 4104k 2k", "write -z 256k 1k")
@@ -481,7 +481,7 @@ def test_backing_smaller_and_zero_clusters(tmp_path, qemu_img):
     for compat in ("1.1", "0.10"):
         top = str(tmp_path / ("t-%s.qcow2" % compat))
         qimg("create", "-q", "-f", "qcow2", "-o", "compat=" + compat, "-b", "b.qcow2",
-                 "-F", "qcow2", top, "8M")
+             "-F", "qcow2", top, "8M")
         qemu_io(top, "write -z 64k 128k", "write -z 1M 4k", "write -P 1 7M 4k")
         assert_same_view(top, "qcow2", tmp_path, ranges=12)
         with open_source(top, "qcow2") as src:
@@ -608,7 +608,7 @@ def test_refuses_backing_without_format(tmp_path, qemu_img):
     expect_refusal(odd, "qcow2", odd, "'vmdk'")
     gone = str(tmp_path / "gone.qcow2")
     qimg("create", "-q", "-f", "qcow2", "-u", "-b", "nowhere.qcow2", "-F", "qcow2", gone,
-             "1M")
+         "1M")
     expect_refusal(gone, "qcow2", "nowhere.qcow2", "backing file of %s" % gone)
 
 
@@ -620,7 +620,7 @@ def test_refuses_loops_and_long_chains(tmp_path, qemu_img):
     expect_refusal(a, "qcow2", "loops")
     selfish = str(tmp_path / "self.qcow2")
     qimg("create", "-q", "-f", "qcow2", "-u", "-b", "self.qcow2", "-F", "qcow2", selfish,
-             "1M")
+         "1M")
     expect_refusal(selfish, "qcow2", "loops")
     prev = None
     for k in range(source.MAX_CHAIN + 1):

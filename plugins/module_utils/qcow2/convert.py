@@ -242,8 +242,8 @@ def _write_sparse(fd, opts, source, stats):
         raise Qcow2Error("size: the refcount table of the copy would exceed 8 MiB; use a larger "
                          "cluster_size", option="size")
     blocks_at, table_at = total_data, total_data + blocks
-    _write_chunks(fd, blocks_at * cs, refcount_runs(((0, end),), opts.refcount_order,
-                                                     blocks * cs))
+    _write_chunks(fd, blocks_at * cs,
+                  refcount_runs(((0, end),), opts.refcount_order, blocks * cs))
     _write_chunks(fd, table_at * cs, padded(progression(blocks_at * cs, cs, blocks),
                                             table * cs))
     if n_l1:

@@ -344,8 +344,7 @@ class _Qcow2Layer(object):
                                              % (host, tbase + ca * cs), path=self.path)
                         host += pos - tbase - ca * cs
                         if precise:
-                            for item in self._split_holes(pos, b - pos, host):
-                                yield item
+                            yield from self._split_holes(pos, b - pos, host)
                         else:
                             yield pos, b - pos, K_DATA, host
                     pos = b
@@ -364,8 +363,7 @@ class _Qcow2Layer(object):
                     kind = _SUB_KIND.get(sub, K_BELOW)
                     if kind == K_DATA:
                         if precise:
-                            for item in self._split_holes(s, e - s, host):
-                                yield item
+                            yield from self._split_holes(s, e - s, host)
                             continue
                         yield s, e - s, K_DATA, host
                     else:
@@ -501,8 +499,7 @@ class Source(object):
                 if kind != K_BELOW:
                     yield s, n, kind, arg, layer
                 elif depth + 1 < len(self._layers):
-                    for item in self._flat(depth + 1, s, s + n, precise):
-                        yield item
+                    yield from self._flat(depth + 1, s, s + n, precise)
                 else:
                     yield s, n, K_ZERO, None, None
         tail = max(start, lend)
