@@ -176,6 +176,8 @@ def _copy_into_plan(fd, plan, source, stats, result):
     step = max(plan.cluster_size, PIECE)
     base = plan.data_offset
     full = plan.mode == "full"
+    if plan.mode in ("falloc", "full") and _copy_raw_in_kernel(fd, plan, source, stats, result):
+        return
     for off, data, length in _source_chunks(source, plan.cluster_size):
         if data is None:
             if full:
@@ -199,6 +201,44 @@ def _copy_into_plan(fd, plan, source, stats, result):
     stats["zero_bytes_skipped"] = max(0, plan.options.size - stats["copied_bytes"])
 
 
+def _copy_raw_in_kernel(fd, plan, source, stats, result):
+    """falloc/full from a raw source: the layout is the source's own, shifted, so its data
+    extents go across with copy_file_range (no copy through this process; zeros inside them
+    are copied too, which these modes allocate anyway). False when the kernel or the file
+    systems cannot, before anything was written."""
+    src_fd = getattr(source, "raw_fd", None)
+    if src_fd is None or not hasattr(os, "copy_file_range"):
+        return False
+    base = plan.data_offset
+    first = True
+    for off, length, is_data in _aligned_extents(source, plan.cluster_size):
+        if not is_data:
+            if plan.mode == "full":
+                writer.write_zeros(fd, base + off, length, result)
+            continue
+        pos, end = off, off + length
+        while pos < end:
+            try:
+                n = os.copy_file_range(src_fd, fd, min(end - pos, 1 << 30), pos, base + pos)
+            except OSError:
+                if first:
+                    return False
+                raise
+            first = False
+            if n <= 0:
+                raise Qcow2Error("source: %s ended early at %d" % (source.path, pos),
+                                 option="source")
+            pos += n
+        stats["copied_bytes"] += length
+        result.bytes_written += length
+    if plan.mode == "full" and source.size < plan.data_length:
+        writer.write_zeros(fd, base + source.size, plan.data_length - source.size, result)
+    stats["zero_bytes_skipped"] = max(0, plan.options.size - stats["copied_bytes"])
+    result.method = {"falloc": "fallocate, then copy_file_range of the data",
+                     "full": "copy_file_range of the data, zeros written elsewhere"}[plan.mode]
+    return True
+
+
 def _write_sparse(fd, opts, source, stats):
     """preallocation=off: allocate host clusters only for guest clusters that hold data."""
     cs = opts.cluster_size
@@ -218,12 +258,9 @@ def _write_sparse(fd, opts, source, stats):
             while pos < len(piece):
                 start = goff + pos
                 n = min(len(piece) - pos, (start // span + 1) * span - start)
-                first = start // cs
-                for k in range(div_round_up(n, cs)):
-                    table_host = state.map(first + k)
-                    if table_host is not None:
-                        l1[(first + k) // per_l2] = table_host | C.OFLAG_COPIED
-                state.data(piece[pos:pos + n])
+                table_host = state.map_run(start // cs, div_round_up(n, cs), piece[pos:pos + n])
+                if table_host is not None:
+                    l1[start // span] = table_host | C.OFLAG_COPIED
                 stats["copied_bytes"] += n
                 pos += n
     state.finish()
@@ -269,7 +306,7 @@ def _write_chunks(fd, offset, chunks):
 
 class _SparseLayout(object):
     """Host clusters handed out in guest order: an L2 table before the first data cluster it
-    maps; consecutive data clusters are written together."""
+    maps, then runs of data clusters written as they come."""
 
     def __init__(self, fd, cs, esz, per_l2, first_free, extended_l2):
         self.fd = fd
@@ -277,54 +314,31 @@ class _SparseLayout(object):
         self.esz = esz
         self.per_l2 = per_l2
         self.next = first_free
-        self.bitmap = struct.pack(">Q", ALL_ALLOC) if extended_l2 else b""
+        self.tail = ALL_ALLOC if extended_l2 else 0
         self.table_index = None
         self.table = None
         self.table_host = 0
-        self.pending = []         # data pieces to write at pending_at
-        self.pending_at = 0
-        self.pending_len = 0
-        self.hosts = []
 
-    def map(self, guest):
-        """Give guest cluster `guest` the next host cluster; returns the new L2 table's host
-        offset when one was started for it."""
+    def map_run(self, guest, count, data):
+        """Map guest clusters [guest, guest+count) (within one L2 table) to the next host
+        clusters and write `data` there; returns the host offset of an L2 table started for
+        them, or None."""
         started = None
         index = guest // self.per_l2
         if index != self.table_index:
             self._flush_table()
-            self._flush_data()
             self.table_index = index
             self.table = bytearray(self.cs)
             self.table_host = self.next * self.cs
             self.next += 1
             started = self.table_host
         host = self.next * self.cs
-        self.next += 1
+        self.next += count
         pos = (guest % self.per_l2) * self.esz
-        self.table[pos:pos + self.esz] = struct.pack(">Q", host | C.OFLAG_COPIED) + self.bitmap
-        self.hosts.append(host)
+        self.table[pos:pos + count * self.esz] = b"".join(
+            progression(host | C.OFLAG_COPIED, self.cs, count, self.esz, self.tail))
+        writer.write_all(self.fd, data, host)
         return started
-
-    def data(self, piece):
-        """The bytes of the clusters just mapped (in order)."""
-        first_host = self.hosts[0]
-        if self.pending and first_host != self.pending_at + self.pending_len:
-            self._flush_data()
-        if not self.pending:
-            self.pending_at = first_host
-        length = len(piece)
-        padded_len = div_round_up(length, self.cs) * self.cs
-        self.pending.append(bytes(piece) + bytes(padded_len - length))
-        self.pending_len += padded_len
-        self.hosts = []
-        if self.pending_len >= CHUNK:
-            self._flush_data()
-
-    def _flush_data(self):
-        if self.pending:
-            writer.write_all(self.fd, b"".join(self.pending), self.pending_at)
-            self.pending, self.pending_len = [], 0
 
     def _flush_table(self):
         if self.table is not None:
@@ -333,7 +347,6 @@ class _SparseLayout(object):
 
     def finish(self):
         self._flush_table()
-        self._flush_data()
 
 
 __all__ = ["create_from_source", "check_source_fits", "check_space", "data_bytes"]
