@@ -176,7 +176,7 @@ def _copy_into_plan(fd, plan, source, stats, result):
     step = max(plan.cluster_size, PIECE)
     base = plan.data_offset
     full = plan.mode == "full"
-    if plan.mode in ("falloc", "full") and _copy_raw_in_kernel(fd, plan, source, stats, result):
+    if full and _copy_raw_in_kernel(fd, plan, source, stats, result):
         return
     for off, data, length in _source_chunks(source, plan.cluster_size):
         if data is None:
@@ -202,10 +202,10 @@ def _copy_into_plan(fd, plan, source, stats, result):
 
 
 def _copy_raw_in_kernel(fd, plan, source, stats, result):
-    """falloc/full from a raw source: the layout is the source's own, shifted, so its data
-    extents go across with copy_file_range (no copy through this process; zeros inside them
-    are copied too, which these modes allocate anyway). False when the kernel or the file
-    systems cannot, before anything was written."""
+    """full from a raw source: the layout is the source's own, shifted, so its data extents
+    go across with copy_file_range (no copy through this process; zeros inside them are
+    copied too, which full writes anyway). False when the kernel or the file systems cannot,
+    before anything was written. (falloc keeps zero detection: zeros stay unwritten.)"""
     src_fd = getattr(source, "raw_fd", None)
     if src_fd is None or not hasattr(os, "copy_file_range"):
         return False
@@ -234,8 +234,7 @@ def _copy_raw_in_kernel(fd, plan, source, stats, result):
     if plan.mode == "full" and source.size < plan.data_length:
         writer.write_zeros(fd, base + source.size, plan.data_length - source.size, result)
     stats["zero_bytes_skipped"] = max(0, plan.options.size - stats["copied_bytes"])
-    result.method = {"falloc": "fallocate, then copy_file_range of the data",
-                     "full": "copy_file_range of the data, zeros written elsewhere"}[plan.mode]
+    result.method = "copy_file_range of the data, zeros written elsewhere"
     return True
 
 
