@@ -45,9 +45,9 @@ def convert_panel(ax, rows, title):
                   label="vdisk.qcow2 engine")
     ax.bar([x + 0.2 for x in xs], [r["ref_median_s"] for r in rows], 0.4,
            label="qemu-img 7.2 convert + resize")
-    for bar, r in zip(ours, rows):
-        ax.annotate("%.2f\u00d7" % r["ratio"], (bar.get_x() + bar.get_width() / 2,
-                                                bar.get_height()),
+    for patch, r in zip(ours, rows):
+        ax.annotate("%.2f\u00d7" % r["ratio"], (patch.get_x() + patch.get_width() / 2,
+                                                patch.get_height()),
                     ha="center", va="bottom", fontsize=8)
     ax.set_xticks(list(xs))
     ax.set_xticklabels(["%s\n%d GiB" % (r["mode"], r["size"] // 2 ** 30) for r in rows])
