@@ -606,17 +606,26 @@ class Source(object):
                 hi = max(hi, o + m)
                 j += 1
             buf = memoryview(img.read(lo, hi - lo))
+            cached = self._last_cluster
+            todo = []
+            for k in range(i, j):
+                entry, s = ops[k][3], ops[k][4]
+                if not (cached is not None and cached[0] is layer and cached[1] == entry):
+                    o, m = ranges[k]
+                    todo.append((k, entry, buf[o - lo:o - lo + m], s - s % cs))
+            # zlib and zstd release the GIL while they work: several clusters decompress at
+            # once on several cores.
+            done = dict(zip([t[0] for t in todo],
+                            _map(lambda t: self._decompress(layer, t[1], t[2], t[3]), todo)))
             for k in range(i, j):
                 _kind, n, _layer, entry, s = ops[k]
                 skip = s % cs
-                cached = self._last_cluster
-                if cached is not None and cached[0] is layer and cached[1] == entry:
-                    data = cached[2]
-                else:
-                    o, m = ranges[k]
-                    data = self._decompress(layer, entry, buf[o - lo:o - lo + m], s - skip)
+                if k in done:
+                    data = done[k]
                     if skip or n != cs:
                         self._last_cluster = (layer, entry, data)
+                else:
+                    data = cached[2]
                 parts.append(data if (not skip and n == cs) else data[skip:skip + n])
             i = j
 
@@ -629,6 +638,20 @@ class Source(object):
             raise _refuse("%s: the compressed cluster at guest offset %#x (descriptor %#x) "
                           "cannot be decompressed: %s" % (layer.path, guest, entry, exc),
                           path=layer.path)
+
+
+_POOL = []
+
+
+def _map(func, items):
+    """map() over a small thread pool when there is enough work, in order."""
+    if len(items) < 4:
+        return [func(item) for item in items]
+    if not _POOL:
+        import concurrent.futures
+        _POOL.append(concurrent.futures.ThreadPoolExecutor(
+            max_workers=max(2, min(4, os.cpu_count() or 2))))
+    return list(_POOL[0].map(func, items))
 
 
 def _pread(fd, n, offset):
