@@ -218,6 +218,30 @@ def test_copy_is_identical_clean_and_as_declared(request, sources, tmp_path, nam
     assert os.listdir(str(tmp_path)) == ["new.qcow2"]
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", TEMPLATES)
+def test_declaration_predicted_applied_and_converged(sources, tmp_path, name, mode):
+    """What the module does for each source and mode: the prediction (check mode: decide and
+    preflight, nothing written) equals the real run's actions; a second run has nothing to
+    do; the template is never compared with the existing image afterwards."""
+    from qcow2 import reconcile
+    src = sources[name]
+    image = str(tmp_path / "new.qcow2")
+    declared = {"size": src.size + GROW, "preallocation": mode, "source": src.path,
+                "source_format": src.fmt}
+    predicted = reconcile.decide(declared, api.observe(image))
+    api.preflight(image, predicted)
+    assert [a.kind for a in predicted.actions] == ["create"], predicted.actions
+    assert "copied from %s" % src.path in predicted.actions[0].text
+    assert os.listdir(str(tmp_path)) == []
+    api.apply(image, predicted)
+    assert_identical(src, image)
+    again = reconcile.decide(declared, api.observe(image))
+    assert (again.actions, again.conflicts, again.failure) == ([], [], None), again.texts()
+    other = dict(declared, source=str(tmp_path / "no-such-template.raw"))
+    assert reconcile.decide(other, api.observe(image)).actions == []
+
+
 # Target options other than the defaults, over a raw source and the overlay chain.
 VARIANTS = {
     "extended_l2": {"extended_l2": True},
