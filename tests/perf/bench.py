@@ -52,6 +52,17 @@ TOOL_ENV = dict(os.environ, PYTHONPYCACHEPREFIX=os.path.join(ROOT, ".scratch", "
 TOOL_ENV.pop("PYTHONDONTWRITEBYTECODE", None)
 
 
+def engine_version():
+    """The commit the engine was measured at, and whether its files differed from it."""
+    def git(*args):
+        proc = subprocess.run(["git", "-C", ROOT] + list(args), stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, universal_newlines=True, check=False)
+        return proc.stdout.strip() if proc.returncode == 0 else None
+    commit = git("rev-parse", "--short", "HEAD")
+    changed = git("status", "--porcelain", "--", "plugins", "tools")
+    return {"commit": commit, "uncommitted_engine_changes": bool(changed) if commit else None}
+
+
 def warm_up():
     """Compile and cache our bytecode before any timing (`--help` imports every module)."""
     subprocess.run(TOOL + ["--help"], env=TOOL_ENV, stdout=subprocess.DEVNULL, check=True)
@@ -506,6 +517,7 @@ def main():
         sys.exit("qemu-img is needed as the reference (apt-get install qemu-utils)")
     os.makedirs(args.dir, exist_ok=True)
     load_at_start = list(os.getloadavg())   # other work on the machine perturbs the timings
+    engine_at_start = engine_version()
     warm_up()
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     results = []
@@ -530,7 +542,8 @@ def main():
                "filesystem": subprocess.run(["df", "-T", args.dir], stdout=subprocess.PIPE, check=True,
                                             universal_newlines=True).stdout.splitlines()[-1],
                "kernel": os.uname().release,
-               "loadavg_at_start": load_at_start, "loadavg_at_end": list(os.getloadavg())}
+               "loadavg_at_start": load_at_start, "loadavg_at_end": list(os.getloadavg()),
+               "engine": engine_at_start}
     doc = {"when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine,
            "results": results, "e2e": e2e_res, "targets": targets(results, e2e_res)}
     if templates:

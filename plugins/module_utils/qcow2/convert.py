@@ -185,6 +185,7 @@ def _copy_into_plan(fd, plan, source, stats, result):
             continue
         if full:
             writer.write_all(fd, data, base + off)
+            writer.start_writeback(fd, base + off, length)
             stats["copied_bytes"] += length
             result.bytes_written += length
             continue
@@ -192,6 +193,8 @@ def _copy_into_plan(fd, plan, source, stats, result):
             writer.write_all(fd, piece, base + goff)
             stats["copied_bytes"] += len(piece)
             result.bytes_written += len(piece)
+        # Start writing this chunk to disk now (the disk works while the next one is read).
+        writer.start_writeback(fd, base + off, length)
     if full and source.size < plan.data_length:
         writer.write_zeros(fd, base + source.size, plan.data_length - source.size, result)
     result.method = {"metadata": "copy of the data into mapped clusters (zero ranges left as "
@@ -219,12 +222,13 @@ def _copy_raw_in_kernel(fd, plan, source, stats, result):
         pos, end = off, off + length
         while pos < end:
             try:
-                n = os.copy_file_range(src_fd, fd, min(end - pos, 1 << 30), pos, base + pos)
+                n = os.copy_file_range(src_fd, fd, min(end - pos, CHUNK * 4), pos, base + pos)
             except OSError:
                 if first:
                     return False
                 raise
             first = False
+            writer.start_writeback(fd, base + pos, n)
             if n <= 0:
                 raise Qcow2Error("source: %s ended early at %d" % (source.path, pos),
                                  option="source")
@@ -337,6 +341,7 @@ class _SparseLayout(object):
         self.table[pos:pos + count * self.esz] = b"".join(
             progression(host | C.OFLAG_COPIED, self.cs, count, self.esz, self.tail))
         writer.write_all(self.fd, data, host)
+        writer.start_writeback(self.fd, host, len(data))
         return started
 
     def _flush_table(self):
