@@ -22,6 +22,16 @@ COUNTS = {"off byte-compared": 0, "modes checked by qemu-img": 0, "refusals comp
           "grow cases": 0, "prealloc raises": 0}
 
 
+def unavailable(tag, reason, what="these tests"):
+    """A tool or device the test needs is missing: print why, fail under CI (which must run
+    every test), skip elsewhere."""
+    import pytest
+    sys.stderr.write("\n[%s] %s\n" % (tag, reason))
+    if os.environ.get("CI"):
+        pytest.fail("%s; CI must run %s" % (reason, what), pytrace=False)
+    pytest.skip(reason)
+
+
 def run(*args, **kwargs):
     return subprocess.run([str(a) for a in args], stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, universal_newlines=True, check=False, **kwargs)

@@ -41,12 +41,8 @@ GUEST_WRITES = ((0x5a, 1 * MiB, 64 * 1024), (0xa5, 13 * MiB + 512, 3072))
 # ---------------------------------------------------------------- the device
 
 def _unavailable(reason):
-    message = "no loop block device: %s" % reason
-    sys.stderr.write("\n[block-device] %s\n" % message)
-    if os.environ.get("CI"):
-        pytest.fail("%s; CI must run the block-device tests (as root, with /dev/loop-control)"
-                    % message, pytrace=False)
-    pytest.skip(message)
+    oracle.unavailable("block-device", "no loop block device: %s" % reason,
+                       "the block-device tests (as root, with /dev/loop-control)")
 
 
 def _fill(dev, byte):

@@ -18,7 +18,6 @@ import shutil
 import signal
 import struct
 import subprocess
-import sys
 import time
 
 import pytest
@@ -274,12 +273,8 @@ def test_raw_empty_and_dense(tmp_path):
 
 
 def _unavailable(reason):
-    message = "no loop block device: %s" % reason
-    sys.stderr.write("\n[source] %s\n" % message)
-    if os.environ.get("CI"):
-        pytest.fail("%s; CI must run the block-device tests (as root, with /dev/loop-control)"
-                    % message, pytrace=False)
-    pytest.skip(message)
+    oracle.unavailable("source", "no loop block device: %s" % reason,
+                       "the block-device tests (as root, with /dev/loop-control)")
 
 
 def test_loop_block_device(template, tmp_path, qemu_img):

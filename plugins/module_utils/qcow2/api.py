@@ -174,21 +174,10 @@ def create(path, values, replace=False, mode=0o644, check_backing=True):
     return out
 
 
-def _data_file_path(path):
-    with open(path, "rb") as handle:
-        head = handle.read(2 * 1024 * 1024)
-    hdr, exts, _backing = decode_cluster0(head)
-    if hdr.incompatible_features & C.INCOMPAT_DATA_FILE:
-        for ext in exts:
-            if ext.type == C.EXT_DATA_FILE:
-                return resolve_relative(path, ext.data.decode("utf-8", "replace"))
-    return None
-
-
 def grow(path, size, mode="off"):
     """Raise the virtual size in place; the new range reads zeros and is preallocated per
     `mode`."""
-    return resize.grow(path, size, mode, data_file_path=_data_file_path(path))
+    return resize.grow(path, size, mode)
 
 
 def raise_preallocation(path, current, target):

@@ -48,16 +48,19 @@ from .refcounts import set_range
 from .tables import progression
 
 
-def grow(path, new_size, mode="off", data_file_path=None):
-    """Raise the virtual size to `new_size`; the new range reads zeros, mapped per `mode`."""
+def grow(path, new_size, mode="off"):
+    """Raise the virtual size to `new_size`; the new range reads zeros, mapped per `mode`.
+    An external data file (named in the header the editor already parsed, relative to the
+    image's directory) is grown too."""
     with editing(path) as ed:
         old_size, new_size, plan = plan_grow(ed, new_size, mode, ed.device)
         if plan is None:
             return {"changed": False, "old_size": old_size, "new_size": new_size}
         l1_needed = _l1_entries(new_size, ed.cs, ed.entry_size)
         result = _apply_map(ed, plan, mode, l1_needed)
-        if ed.external and data_file_path:
-            _grow_data_file(data_file_path, old_size, new_size, mode, result)
+        if ed.external and ed.data_file:
+            data_path = os.path.join(os.path.dirname(os.path.abspath(path)), ed.data_file)
+            _grow_data_file(data_path, old_size, new_size, mode, result)
         # The size goes in last: until now the image was valid at its old size.
         ed.pwrite(24, struct.pack(">Q", new_size))
         ed.sync()
