@@ -185,16 +185,7 @@ def raise_preallocation(path, current, target):
     order = C.PREALLOC_MODES
     if order.index(target) <= order.index(current):
         return {"changed": False}
-    result = {"changed": True, "steps": []}
-    if current == "off":
-        step = resize.fill(path, target)
-        result["steps"].append(dict(step, action="map every guest cluster"))
-    if target in ("falloc", "full"):
-        # Also covers clusters that were mapped before: fallocate leaves written blocks
-        # alone and zeros go only into holes and unwritten extents.
-        step = resize.raise_allocation(path, target)
-        result["steps"].append(dict(step, action="allocate data clusters (%s)" % target))
-    return result
+    return {"changed": True, "steps": resize.raise_level(path, current, target)}
 
 
 def reclaim_leaks(path):

@@ -72,12 +72,32 @@ def grow(path, new_size, mode="off"):
 def fill(path, mode="metadata"):
     """Map every unmapped guest cluster of the image (off -> metadata/falloc/full)."""
     with editing(path) as ed:
-        plan = plan_fill(ed, mode, ed.device)
-        if not plan.changes:
-            return {"method": "none", "mapped_clusters": 0, "new_l2_tables": 0}
-        result = _apply_map(ed, plan, mode, len(ed.l1))
-        ed.done.append("mapped %d cluster(s)" % plan.to_map)
-        return result
+        return _fill(ed, mode)
+
+
+def raise_level(path, current, target):
+    """Raise the preallocation from `current` to `target` in one editing session (one lock,
+    one guard): map the unmapped clusters when coming from off, then allocate the data
+    clusters for falloc/full. Returns the list of steps done."""
+    steps = []
+    with editing(path) as ed:
+        if current == "off":
+            steps.append(dict(_fill(ed, target), action="map every guest cluster"))
+        if target in ("falloc", "full"):
+            # Also covers clusters that were mapped before: fallocate leaves written blocks
+            # alone and zeros go only into holes and unwritten extents.
+            steps.append(dict(_raise_allocation(ed, target),
+                              action="allocate data clusters (%s)" % target))
+    return steps
+
+
+def _fill(ed, mode):
+    plan = plan_fill(ed, mode, ed.device)
+    if not plan.changes:
+        return {"method": "none", "mapped_clusters": 0, "new_l2_tables": 0}
+    result = _apply_map(ed, plan, mode, len(ed.l1))
+    ed.done.append("mapped %d cluster(s)" % plan.to_map)
+    return result
 
 
 def shrink(path, new_size):
@@ -392,41 +412,46 @@ def raise_allocation(path, mode):
         raise Qcow2Error("preallocation: can only raise to falloc or full in place",
                          option="preallocation")
     with editing(path) as ed:
-        if ed.external:
-            raise Qcow2Error("%s: the data lives in an external data file; raise its "
-                             "allocation there" % path, path=path)
-        if ed.device:
-            return {"method": "none (a block device has every block)", "runs": 0,
-                    "zero_bytes": 0, "data_bytes": 0}
-        fd = ed.fd
-        runs = list(data_runs(ed))
-        method = "fallocate"
-        fiemap_used = True
-        zero_bytes = 0
-        for offset, length in runs:
-            ed.modified = True
-            if mode == "falloc":
-                try:
-                    fileops.fallocate(fd, offset, length)
-                except OSError as exc:
-                    if not fileops.is_not_supported(exc):
-                        raise
-                    method = "zero-writes into holes (fallocate not supported)"
-                    for o, n in list(_holes(fd, offset, length)):
-                        _write_zeros(fd, o, n)
-                        zero_bytes += n
-            else:
-                segments, used = fileops.unbacked_segments(fd, offset, length)
-                fiemap_used = fiemap_used and used
-                for o, n in segments:
+        return _raise_allocation(ed, mode)
+
+
+def _raise_allocation(ed, mode):
+    path = ed.path
+    if ed.external:
+        raise Qcow2Error("%s: the data lives in an external data file; raise its "
+                         "allocation there" % path, path=path)
+    if ed.device:
+        return {"method": "none (a block device has every block)", "runs": 0,
+                "zero_bytes": 0, "data_bytes": 0}
+    fd = ed.fd
+    runs = list(data_runs(ed))
+    method = "fallocate"
+    fiemap_used = True
+    zero_bytes = 0
+    for offset, length in runs:
+        ed.modified = True
+        if mode == "falloc":
+            try:
+                fileops.fallocate(fd, offset, length)
+            except OSError as exc:
+                if not fileops.is_not_supported(exc):
+                    raise
+                method = "zero-writes into holes (fallocate not supported)"
+                for o, n in list(_holes(fd, offset, length)):
                     _write_zeros(fd, o, n)
                     zero_bytes += n
-                method = "zero-writes into holes and unwritten extents" if fiemap_used \
-                    else "zero-writes into holes (no FIEMAP: unwritten extents not seen)"
-        os.fsync(fd)
-        ed.done.append("allocated the data clusters (%s)" % mode)
-        return {"method": method, "runs": len(runs), "zero_bytes": zero_bytes,
-                "data_bytes": sum(n for _off, n in runs)}
+        else:
+            segments, used = fileops.unbacked_segments(fd, offset, length)
+            fiemap_used = fiemap_used and used
+            for o, n in segments:
+                _write_zeros(fd, o, n)
+                zero_bytes += n
+            method = "zero-writes into holes and unwritten extents" if fiemap_used \
+                else "zero-writes into holes (no FIEMAP: unwritten extents not seen)"
+    os.fsync(fd)
+    ed.done.append("allocated the data clusters (%s)" % mode)
+    return {"method": method, "runs": len(runs), "zero_bytes": zero_bytes,
+            "data_bytes": sum(n for _off, n in runs)}
 
 
 def _holes(fd, offset, length):
@@ -472,4 +497,4 @@ def data_runs(ed):
         yield run_start, run_len * cs
 
 
-__all__ = ["grow", "shrink", "fill", "raise_allocation", "data_runs"]
+__all__ = ["grow", "shrink", "fill", "raise_level", "raise_allocation", "data_runs"]
