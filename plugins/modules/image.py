@@ -441,6 +441,7 @@ class Runner(object):
                       "would lose or rewrite data; set force=true to recreate it (destroying "
                       "its content). Differences: %s" % (self.path, "; ".join(decision.conflicts)),
                       conflicts=decision.conflicts)
+        api.add_leftover_cleanup(self.path, decision)
         try:
             api.preflight(self.path, decision)
         except Qcow2Error as exc:

@@ -21,7 +21,7 @@ try:
 except ImportError:  # pragma: no cover - non-Unix
     fcntl = None
 
-__all__ = ["allocation_state", "tail_leaks", "data_end"]
+__all__ = ["allocation_state", "tail_leaks", "data_end", "chain_data_end"]
 
 DEFAULT_SCAN_LIMIT = 256 * 1024 * 1024  # bytes of written data allocation_state may read
 
@@ -429,3 +429,86 @@ def data_end(path, image=None, scan_limit=DEFAULT_SCAN_LIMIT):
             if end:
                 return min(idx * cs + end, vsize)
         return 0
+
+
+MAX_CHAIN = 16          # backing files followed below an image when judging a shrink
+
+
+class _RawLayer(object):
+    """A raw backing file seen through the reads `_last_nonzero` makes."""
+
+    def __init__(self, fd, size):
+        self.fd = fd
+        self.file_size = size
+
+    def read(self, offset, length):
+        data = os.pread(self.fd, length, offset)
+        return data + bytes(length - len(data))
+
+
+def chain_data_end(img, scan_limit=DEFAULT_SCAN_LIMIT):
+    """Like `data_end`, but through the backing chain: where what the guest of `img` reads
+    stops holding non-zero bytes, its own clusters and those that fall through to a backing
+    file alike. Conservative: the image's zero clusters are not credited with hiding the
+    backing file's bytes. Raises Qcow2Error when a backing file cannot be read (then nobody can
+    tell what the guest reads there)."""
+    end = data_end(img.path, image=img, scan_limit=scan_limit)
+    if not img.backing_file:
+        return end
+    base_end = _backing_data_end(img, 1, scan_limit)
+    return max(end, min(base_end, img.virtual_size))
+
+
+def _backing_data_end(img, depth, scan_limit):
+    from .image import Image, _has_protocol, path_combine
+    name = img.backing_file
+    what = "the backing file %s of %s" % (name, img.path)
+    if depth > MAX_CHAIN:
+        raise Qcow2Error("%s: the backing chain is longer than %d images" % (what, MAX_CHAIN),
+                         option="size", path=img.path)
+    if name.startswith("json:") or _has_protocol(name):
+        raise Qcow2Error("%s is given by a protocol, which this engine does not read" % what,
+                         option="size", path=img.path)
+    fmt = img.backing_fmt
+    path = path_combine(img.path, name)
+    if fmt == "raw":
+        return _raw_data_end(path, what, scan_limit)
+    if fmt != "qcow2":
+        raise Qcow2Error("%s has %s; only raw and qcow2 backing files are read"
+                         % (what, "no recorded format" if not fmt else "format %r" % fmt),
+                         option="size", path=img.path)
+    try:
+        base = Image.open(path)
+    except Qcow2Error as exc:
+        raise Qcow2Error("%s cannot be read: %s" % (what, exc), option="size", path=img.path)
+    with base:
+        end = data_end(path, image=base, scan_limit=scan_limit)
+        if base.backing_file:
+            end = max(end, min(_backing_data_end(base, depth + 1, scan_limit),
+                               base.virtual_size))
+        return end
+
+
+def _raw_data_end(path, what, scan_limit):
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) |
+                     getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise Qcow2Error("%s cannot be read: %s" % (what, exc.strerror or exc), option="size")
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISBLK(st.st_mode):
+            size = os.lseek(fd, 0, os.SEEK_END)
+        elif stat.S_ISREG(st.st_mode):
+            size = st.st_size
+        else:
+            raise Qcow2Error("%s is neither a regular file nor a block device" % what,
+                             option="size")
+        try:
+            end = _last_nonzero(_RawLayer(fd, size), 0, size, [scan_limit])
+        except OSError as exc:
+            raise Qcow2Error("%s cannot be read: %s" % (what, exc.strerror or exc),
+                             option="size")
+        return size if end is None else end
+    finally:
+        os.close(fd)

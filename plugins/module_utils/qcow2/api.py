@@ -194,6 +194,28 @@ def reclaim_leaks(path):
     return _reclaim(path)
 
 
+def add_leftover_cleanup(path, decision, started=None):
+    """Put first in `decision` the removal of temporary files that killed runs left in the
+    image's directory (not locked by a live writer, older than this run): those of `path`'s own
+    name on every run (they belong to the declared image), the directory's others when this run
+    writes there anyway. Reads only; check mode shows the same action."""
+    from . import leftovers
+    if decision.failure or (decision.conflicts and not decision.actions):
+        return decision
+    found = leftovers.find(path, same_name_only=not decision.actions, started=started)
+    if found:
+        from .reconcile import Action, human_size
+        total = sum(size for _entry, size in found)
+        names = ", ".join(entry for entry, _size in found[:5])
+        more = "" if len(found) <= 5 else " and %d more" % (len(found) - 5)
+        decision.actions.insert(0, Action(
+            "remove_leftovers", "remove %d temporary file(s) that killed runs left in %s (%s in "
+            "all): %s%s" % (len(found), os.path.dirname(os.path.abspath(path)),
+                            human_size(total), names, more),
+            entries=[entry for entry, _size in found], started=started))
+    return decision
+
+
 IN_PLACE = ("grow", "shrink", "raise_preallocation", "upgrade_compat", "lazy_refcounts",
             "reclaim_leaks")
 
@@ -362,7 +384,12 @@ def observe(path, with_check=False, size=None):
         }
         if size is not None and size < out["virtual_size"]:
             # Only asked when a smaller size is declared: where the guest's data ends.
-            out["data_end"] = inspector.data_end(path, image=image)
+            # For an overlay the backing chain's data counts too.
+            try:
+                out["data_end"] = inspector.chain_data_end(image)
+            except Qcow2Error as exc:
+                out["data_end"] = None
+                out["data_end_unknown"] = str(exc)
         if with_check:
             result = inspector.check(path, image=image)
             out["check"] = {
@@ -429,6 +456,10 @@ def _apply_one(path, action, mode):
         return {"changed": set_lazy_refcounts(path, action.args["enabled"])}
     if action.kind == "reclaim_leaks":
         return reclaim_leaks(path)
+    if action.kind == "remove_leftovers":
+        from . import leftovers
+        return {"removed_leftovers": leftovers.remove(path, action.args["entries"],
+                                                      started=action.args.get("started"))}
     raise Qcow2Error("internal error: unknown action %s" % action.kind)
 
 

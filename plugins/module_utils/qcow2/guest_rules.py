@@ -298,10 +298,11 @@ class ShrinkPlan(object):
 def plan_shrink(img, new_size):
     """Validate shrinking to `new_size` and plan it (pure). None when nothing shrinks.
 
-    Refused when guest data lies past the new end (the guest would lose it), with internal
+    Refused when guest data lies past the new end (the guest would lose it; for an overlay,
+    the backing chain's data counts, and a backing file that cannot be read refuses), with internal
     snapshots (their tables are shared), an external data file, or compressed clusters past the
     end."""
-    from .allocation import data_end
+    from .allocation import chain_data_end
     old_size = img.header.size
     new_size = (new_size + 511) // 512 * 512
     if new_size >= old_size:
@@ -313,11 +314,17 @@ def plan_shrink(img, new_size):
     if img.has_data_file:
         raise Qcow2Error("size: the image has an external data file; it is not shrunk in place",
                          option="size", path=path)
-    end = data_end(path, image=img)
+    try:
+        end = chain_data_end(img)
+    except Qcow2Error as exc:
+        raise Qcow2Error("size: what the guest reads past the declared size %d cannot be told "
+                         "(%s), so the image is not shrunk" % (new_size, exc), option="size",
+                         path=path)
     if end > new_size:
-        raise Qcow2Error("size: guest data lies up to byte %d, past the declared size %d; "
+        raise Qcow2Error("size: guest data lies up to byte %d%s, past the declared size %d; "
                          "shrinking would discard it, so the image is not modified"
-                         % (end, new_size), option="size", path=path)
+                         % (end, " (the image's own or its backing file's)"
+                            if img.backing_file else "", new_size), option="size", path=path)
     cs = img.cluster_size
     per = img.l2_entries
     first_gone = div_round_up(new_size, cs)

@@ -16,10 +16,11 @@ Each job lives in its own module; this one gathers their public functions:
   `allocation` (`allocation_state`, including the cheap scan for leaks at the end of the file).
 """
 
-from .allocation import allocation_state, data_end, tail_leaks
+from .allocation import allocation_state, chain_data_end, data_end, tail_leaks
 from .check import check
 from .image import Image
 from .info import info
 from .mapping import block_map
 
-__all__ = ["Image", "info", "check", "block_map", "allocation_state", "tail_leaks", "data_end"]
+__all__ = ["Image", "info", "check", "block_map", "allocation_state", "tail_leaks", "data_end",
+           "chain_data_end"]

@@ -265,8 +265,8 @@ def _compare(d, want, image):
         if blocked:
             d.conflicts.append(blocked)
         else:
-            d.actions.append(Action("shrink", "shrink the virtual size from %s to %s (no guest "
-                                    "data lies past the new end)"
+            d.actions.append(Action("shrink", "shrink the virtual size from %s to %s (the guest "
+                                    "reads only zeros past the new end)"
                                     % (_sized(image["virtual_size"]), _sized(size)), size=size))
             after["virtual_size"] = size
     current = image["preallocation"]
@@ -328,13 +328,18 @@ def _shrink_blocked(image, size):
     base = "size is %d, declared %d (shrinking would discard data" % (image["virtual_size"], size)
     highest = image.get("data_end")
     if highest is None:
+        if image.get("data_end_unknown"):
+            return base + "; what the guest reads past the new end cannot be told: %s)" \
+                % image["data_end_unknown"]
         return base + ")"
     if image.get("snapshots"):
         return base + "; the image has internal snapshots)"
     if image.get("data_file"):
         return base + "; the image has an external data file)"
     if highest > size:
-        return base + ": guest data lies up to byte %d)" % highest
+        return base + ": guest data lies up to byte %d%s)" % (
+            highest, " (the image's own or its backing file's)" if image.get("backing_file")
+            else "")
     return None
 
 

@@ -22,6 +22,7 @@ import stat
 import time
 
 from . import fileops
+from . import leftovers
 from .errors import Qcow2Error
 from .planner import metadata_chunks
 
@@ -238,49 +239,11 @@ def check_space(directory, plan):
 
 
 def remove_stale_temp_files(path):
-    """Remove temporary files an earlier, killed run left for `path`.
-
-    They are named `.NAME.PID.STAMP.tmp`; one is stale when no process with that PID exists.
-    Returns the names removed.
-    """
-    directory, name = os.path.split(os.path.abspath(path))
-    prefix = "." + name + "."
-    removed = []
-    try:
-        entries = os.listdir(directory)
-    except OSError:
-        return removed
-    for entry in entries:
-        if not (entry.startswith(prefix) and entry.endswith(".tmp")):
-            continue
-        parts = entry[len(prefix):-len(".tmp")].split(".")
-        if len(parts) != 2 or not all(p.isdigit() for p in parts):
-            continue
-        pid = int(parts[0])
-        if pid == os.getpid() or _process_exists(pid):
-            continue
-        try:
-            os.unlink(os.path.join(directory, entry))
-            removed.append(entry)
-        except OSError:
-            pass
-    return removed
-
-
-def _process_exists(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True
-
-
-def _temp_path(path):
-    directory, name = os.path.split(os.path.abspath(path))
-    stamp = int(time.monotonic() * 1e6) % 10 ** 9
-    return os.path.join(directory, ".%s.%d.%d.tmp" % (name, os.getpid(), stamp))
+    """Remove temporary files that killed runs left for `path` (same name, no lock held);
+    returns the names removed. A live writer holds its file's lock, so it is never touched."""
+    now = time.time()
+    found = leftovers.find(path, same_name_only=True, started=now)
+    return leftovers.remove(path, [entry for entry, _size in found], started=now)
 
 
 def write_all(fd, data, offset):
@@ -315,34 +278,35 @@ def create_file(path, plan, replace=False, mode=0o644, data_file_path=None, appl
         remove_stale_temp_files(data_file_path)
     if plan is not None and content is None:
         check_space(directory, plan)
-    data_tmp = None
-    tmp = _temp_path(path)
+    data_tmp = data_fd = None
+    tmp = None
     fd = None
+    # The temporary files stay open (and so locked) until they are renamed into place: a
+    # cleaner of another run never takes a live writer's file for a leftover.
     try:
         if opts is not None and opts.data_file:
-            data_tmp = _create_data_file(data_file_path, plan, replace, mode)
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
-                     mode)
+            data_tmp, data_fd = _create_data_file(data_file_path, plan, replace, mode)
+        tmp, fd = leftovers.open_temp(path, mode)
         os.fchmod(fd, mode & ~_umask())
         if apply is not None:
             result = apply(fd)
         else:
             result = apply_to_fd(fd, plan, nocow=opts.nocow,
                                  extent_size_hint=opts.extent_size_hint, content=content)
-        os.close(fd)
-        fd = None
         if data_tmp:
             _install(data_tmp, data_file_path, replace)
             data_tmp = None
         _install(tmp, path, replace)
+        tmp = None
         fileops.fsync_dir(path)
         return result
     except OSError as exc:
         raise Qcow2Error("%s: cannot create the image: %s" % (path, exc.strerror or exc),
                          path=path)
     finally:
-        if fd is not None:
-            os.close(fd)
+        for handle in (fd, data_fd):
+            if handle is not None:
+                os.close(handle)
         for leftover in (tmp, data_tmp):
             if leftover and os.path.lexists(leftover):
                 try:
@@ -378,12 +342,12 @@ def _install(tmp, path, replace):
 
 
 def _create_data_file(data_path, plan, replace, mode):
-    """Write the external data file to a temporary name; returns that name."""
+    """Write the external data file to a temporary name; returns that name and its open
+    (locked) descriptor, which the caller closes after the rename."""
     if not replace and os.path.lexists(data_path):
         raise Qcow2Error("%s: the data file already exists" % data_path, option="data_file",
                          path=data_path)
-    tmp = _temp_path(data_path)
-    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), mode)
+    tmp, fd = leftovers.open_temp(data_path, mode)
     try:
         os.fchmod(fd, mode & ~_umask())
         result = WriteResult()
@@ -395,8 +359,7 @@ def _create_data_file(data_path, plan, replace, mode):
         os.close(fd)
         os.unlink(tmp)
         raise
-    os.close(fd)
-    return tmp
+    return tmp, fd
 
 
 def write_device(device_path, plan):
