@@ -321,7 +321,11 @@ class _Checker(object):
             snaps, snap_bytes = img.snapshots()
             if img.has_data_file and self.first:
                 self.corrupt("ERROR %d snapshots in image with data file" % hdr.nb_snapshots)
-            for sn in snaps:
+            for index, sn in enumerate(snaps):
+                if hdr.version >= 3 and sn.get("extra_data_size", 16) < 16 and self.first:
+                    self.corrupt("ERROR snapshot table entry %d is incomplete (%d bytes of extra "
+                                 "data, a version 3 image needs 16)"
+                                 % (index, sn["extra_data_size"]))
                 if sn["l1_table_offset"] & (self.cs - 1):
                     if self.first:
                         self.corrupt("ERROR snapshot %s (%s) l1_offset=%#x: L1 table is not "

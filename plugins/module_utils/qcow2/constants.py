@@ -35,6 +35,7 @@ BACKING_FORMATS = (
     "snapshot-access", "ssh", "throttle", "vdi", "vhdx", "vmdk", "vpc", "vvfat")
 MAX_SNAPSHOTS = 65536
 MAX_SIZE = (1 << 63) - 1                  # qemu-img refuses sizes above INT64_MAX
+INT_MAX = (1 << 31) - 1                   # QEMU refuses images needing more L1 entries
 MAX_HOST_OFFSET = 1 << 56                 # L1/L2/reftable offsets are 56-bit
 
 # Incompatible feature bits.

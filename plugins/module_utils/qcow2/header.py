@@ -132,9 +132,6 @@ class Header(object):
         if hdr.header_length < C.V3_MIN_HEADER_LENGTH:
             raise Qcow2Error("corrupt header: header_length %d is below the minimum of 104"
                              % hdr.header_length)
-        if hdr.header_length % 8:
-            raise Qcow2Error("corrupt header: header_length %d is not a multiple of 8"
-                             % hdr.header_length)
         if hdr.header_length > len(buf):
             raise Qcow2Error("corrupt header: header_length %d exceeds the first cluster"
                              % hdr.header_length)
@@ -218,7 +215,7 @@ def decode_cluster0(buf):
     `buf` holds at most one cluster (less if the file is shorter). Every extension length is
     checked against the space left, so a hostile header cannot make this read outside `buf`.
     Unknown extension types are kept; no END marker before the end of the area is tolerated,
-    as QEMU does.
+    as QEMU does, but a record that crosses the end of the area is refused, as QEMU does.
     """
     hdr = Header.unpack(buf)
     if not C.MIN_CLUSTER_BITS <= hdr.cluster_bits <= C.MAX_CLUSTER_BITS:
@@ -239,26 +236,33 @@ def decode_cluster0(buf):
         end = hdr.backing_file_offset
     else:
         end = cs
+    # Bytes past the end of a short file read as zeros, as they do for QEMU.
+    buf = bytes(buf[:cs])
+    if len(buf) < cs:
+        buf += bytes(cs - len(buf))
     exts = []
     pos = hdr.header_length
-    while pos + _EXT.size <= min(end, len(buf)):
+    # QEMU walks the extensions up to the backing file name (or the end of the cluster); every
+    # record, the END marker included, must fit before that point ("Header extension too
+    # large" otherwise).
+    while pos < end:
+        if pos + _EXT.size > end:
+            raise Qcow2Error("corrupt header: header extension too large (an extension header "
+                             "at offset %d crosses the end of the extension area at %d)"
+                             % (pos, end))
         ext_type, length = _EXT.unpack_from(buf, pos)
         pos += _EXT.size
+        if length > end - pos:
+            raise Qcow2Error("corrupt header: header extension too large (extension %#010x "
+                             "has length %d, past the end of the extension area)"
+                             % (ext_type, length))
         if ext_type == C.EXT_END:
             break
-        if length > end - pos:
-            raise Qcow2Error("corrupt header: extension %#010x has length %d, past the end of "
-                             "the header area" % (ext_type, length))
-        if pos + length > len(buf):
-            raise Qcow2Error("corrupt header: extension %#010x runs past the end of the file"
-                             % ext_type)
         exts.append(Extension(ext_type, buf[pos:pos + length]))
         pos += (length + 7) & ~7
     backing = None
     if hdr.backing_file_offset:
         stop = hdr.backing_file_offset + hdr.backing_file_size
-        if stop > len(buf):
-            raise Qcow2Error("corrupt header: backing file name runs past the end of the file")
         backing = bytes(buf[hdr.backing_file_offset:stop]).decode("utf-8", "replace")
     return hdr, exts, backing
 

@@ -32,8 +32,27 @@ BME_RESERVED_MASK = 0xFF000000000001FE
 BME_OFFSET_MASK = 0x00FFFFFFFFFFFE00
 BME_FLAG_IN_USE = 1 << 0
 BME_FLAG_AUTO = 1 << 1
+MAX_BITMAP_PHYS = 0x20000000
+MAX_BITMAP_NAME = 1023
+MIN_GRANULARITY_BITS = 9
+MAX_GRANULARITY_BITS = 31
+BME_RESERVED_FLAGS = 0xFFFFFFFC
+BITMAP_TYPE_DIRTY = 1
 MAX_SNAPSHOT_EXTRA = 1024
 MAX_SNAPSHOTS_SIZE = 1024 * C.MAX_SNAPSHOTS
+LUKS_MAGIC = b"LUKS\xba\xbe"
+LUKS_PHDR_SIZE = 592
+LUKS_SLOTS = 8
+# Ciphers (with their key sizes), modes and hashes QEMU's LUKS driver knows.
+LUKS_CIPHERS = {b"aes": (16, 24, 32), b"serpent": (16, 24, 32), b"twofish": (16, 24, 32),
+                b"cast5": (16,), b"sm4": (16,)}
+LUKS_MODES = (b"ecb", b"cbc", b"xts", b"ctr")
+LUKS_HASHES = (b"md5", b"sha1", b"sha224", b"sha256", b"sha384", b"sha512", b"ripemd160",
+               b"sm3")
+LUKS_STRIPES = 4000
+LUKS_HEADER_SECTORS = 4096 // 512     # key material may not start inside the first 4 KiB
+LUKS_SLOT_ENABLED = 0x00AC71F3
+LUKS_SLOT_DISABLED = 0x0000DEAD
 
 
 DECODE_ERRORS = (struct.error, ValueError, OverflowError, IndexError, UnicodeError,
@@ -222,108 +241,263 @@ class Image(object):
         self.backing_fmt = fmt.decode("utf-8", "replace") if fmt else None
         data_file = find_extension(exts, C.EXT_DATA_FILE)
         self.data_file = data_file.decode("utf-8", "replace") if data_file is not None else None
-        crypto = find_extension(exts, C.EXT_CRYPTO)
+        if self.has_data_file and not (data_file or b"").split(b"\0", 1)[0]:
+            raise Qcow2Error("corrupt header: the image needs an external data file but names "
+                             "none (QEMU: 'data-file' is required for this image)", path=path)
         self.crypto_offset = self.crypto_length = 0
-        if crypto is not None:
-            if len(crypto) != _CRYPTO.size:
+        crypto_seen = False
+        for ext in exts:
+            if ext.type != C.EXT_CRYPTO:
+                continue
+            crypto_seen = True
+            if hdr.crypt_method != C.CRYPT_LUKS:
+                raise Qcow2Error("corrupt header: encryption header extension in an image that "
+                                 "is not LUKS encrypted", path=path)
+            if len(ext.data) != _CRYPTO.size:
                 raise Qcow2Error("corrupt header: encryption header extension has %d bytes, "
-                                 "expected 16" % len(crypto), path=path)
-            self.crypto_offset, self.crypto_length = _CRYPTO.unpack(crypto)
-            if self.crypto_offset & (cs - 1):
+                                 "expected 16" % len(ext.data), path=path)
+            self.crypto_offset, self.crypto_length = _CRYPTO.unpack(ext.data)
+            if self.crypto_offset % cs:
                 raise Qcow2Error("corrupt header: encryption header offset %#x is not cluster "
                                  "aligned" % self.crypto_offset, path=path)
+            self._check_luks_header()
+        if hdr.crypt_method == C.CRYPT_LUKS and not crypto_seen:
+            raise Qcow2Error("corrupt header: LUKS encrypted image without an encryption header "
+                             "extension (QEMU: missing CRYPTO header)", path=path)
 
         self._parse_bitmaps_extension()
 
-        # Virtual size and the L1 table.
-        self.virtual_size = hdr.size
-        if hdr.size > C.MAX_SIZE:
-            raise Qcow2Error("corrupt header: virtual size %d is too large" % hdr.size, path=path)
-        if hdr.l1_size > C.MAX_L1_ENTRIES:
-            raise Qcow2Error("corrupt header: L1 table too large (%d entries, at most %d)"
-                             % (hdr.l1_size, C.MAX_L1_ENTRIES), path=path)
-        shift = hdr.cluster_bits + (self.l2_entries.bit_length() - 1)
-        needed = (hdr.size + (1 << shift) - 1) >> shift
-        if hdr.l1_size < needed:
-            raise Qcow2Error("corrupt header: L1 table too small (%d entries for a virtual size "
-                             "needing %d)" % (hdr.l1_size, needed), path=path)
-        if hdr.l1_size:
-            self._check_table("L1 table", hdr.l1_table_offset, hdr.l1_size * 8)
-
-        # Reference count table.
+        # Reference count table (QEMU validates it before the snapshot and L1 tables).
         if hdr.refcount_table_clusters < 1:
             raise Qcow2Error("corrupt header: the image has no reference count table", path=path)
         rt_bytes = hdr.refcount_table_clusters * cs
-        if rt_bytes > C.MAX_REFTABLE_BYTES:
-            raise Qcow2Error("corrupt header: reference count table too large (%d clusters)"
-                             % hdr.refcount_table_clusters, path=path)
+        self._validate_table("reference count table", hdr.refcount_table_offset,
+                             hdr.refcount_table_clusters, cs, C.MAX_REFTABLE_BYTES)
         self._check_table("reference count table", hdr.refcount_table_offset, rt_bytes)
+
+        # Snapshot table: the offset is checked even when there are no snapshots.
+        self._validate_table("snapshot table", hdr.snapshots_offset, hdr.nb_snapshots,
+                             _SNAP.size, _SNAP.size * C.MAX_SNAPSHOTS)
+
+        # Virtual size and the L1 table (its offset is checked even when it is empty).
+        self.virtual_size = hdr.size
+        self._validate_table("L1 table", hdr.l1_table_offset, hdr.l1_size, 8, C.MAX_L1_BYTES)
+        shift = hdr.cluster_bits + (self.l2_entries.bit_length() - 1)
+        needed = (hdr.size + (1 << shift) - 1) >> shift
+        if needed > C.INT_MAX:
+            raise Qcow2Error("corrupt header: virtual size %d is too large (QEMU: image is too "
+                             "big)" % hdr.size, path=path)
+        if hdr.l1_size < needed:
+            raise Qcow2Error("corrupt header: L1 table too small (%d entries for a virtual size "
+                             "needing %d)" % (hdr.l1_size, needed), path=path)
+        if hdr.size > C.MAX_SIZE:
+            raise Qcow2Error("corrupt header: virtual size %d is too large" % hdr.size, path=path)
+        if hdr.l1_size:
+            self._check_table("L1 table", hdr.l1_table_offset, hdr.l1_size * 8)
+
         self.reftable_entries = rt_bytes // 8
         self._reftable = self.read(hdr.refcount_table_offset, rt_bytes)
 
-        # Snapshots.
-        if hdr.nb_snapshots > C.MAX_SNAPSHOTS:
-            raise Qcow2Error("corrupt header: too many snapshots (%d)" % hdr.nb_snapshots,
-                             path=path)
-        if hdr.nb_snapshots:
-            self._check_table("snapshot table", hdr.snapshots_offset, hdr.nb_snapshots * 40)
+        # QEMU reads the snapshot table and loads the bitmap directory when it opens an image.
+        self.snapshots()
+        self._bitmap_list = None
+        if self.nb_bitmaps:
+            self._bitmap_list = self._load_bitmaps()
+
+    def _validate_table(self, name, offset, entries, entry_len, max_bytes):
+        """QEMU's check of a table's place in the header: not too many entries, a cluster
+        aligned offset (whatever the count) and an end that a signed 64-bit offset can hold."""
+        if entries > max_bytes // entry_len:
+            raise Qcow2Error("corrupt header: %s too large (%d entries, at most %d)"
+                             % (name, entries, max_bytes // entry_len), path=self.path)
+        if offset % self.cluster_size or C.MAX_SIZE - entries * entry_len < offset:
+            raise Qcow2Error("corrupt header: %s offset invalid (%#x%s)"
+                             % (name, offset, " is not cluster aligned"
+                                if offset % self.cluster_size else " is out of range"),
+                             path=self.path)
+
+    def _check_luks_header(self):
+        """The part of the LUKS header QEMU parses at open that needs no passphrase: it must lie
+        inside the extension's area and carry the LUKS version 1 magic."""
+        if self.crypto_length < LUKS_PHDR_SIZE:
+            raise Qcow2Error("corrupt header: the encryption header area (%d bytes) is smaller "
+                             "than a LUKS header" % self.crypto_length, path=self.path)
+        phdr = self.read(self.crypto_offset, 8)
+        if phdr[:6] != LUKS_MAGIC:
+            raise Qcow2Error("corrupt image: the encryption header at %#x is not in LUKS format"
+                             % self.crypto_offset, path=self.path)
+        version = struct.unpack(">H", phdr[6:8])[0]
+        if version != 1:
+            raise Qcow2Error("corrupt image: unsupported LUKS version %d in the encryption "
+                             "header" % version, path=self.path)
+        phdr = self.read(self.crypto_offset, LUKS_PHDR_SIZE)
+        payload, key_bytes = struct.unpack_from(">II", phdr, 104)
+        cipher = phdr[8:40].split(b"\0", 1)[0]
+        mode = phdr[40:72].split(b"\0", 1)[0]
+        digest = phdr[72:104].split(b"\0", 1)[0]
+        cipher_key = key_bytes // 2 if mode.startswith(b"xts") else key_bytes
+        if (mode.startswith(b"xts") and key_bytes % 2) or \
+                cipher_key not in LUKS_CIPHERS.get(cipher, ()):
+            raise Qcow2Error("corrupt image: LUKS cipher %r with a key of %d bytes is not "
+                             "supported" % (cipher.decode("ascii", "replace"), key_bytes),
+                             path=self.path)
+        if mode.split(b"-", 1)[0] not in LUKS_MODES or digest not in LUKS_HASHES:
+            raise Qcow2Error("corrupt image: LUKS cipher mode %r or hash %r is not supported"
+                             % (mode.decode("ascii", "replace"),
+                                digest.decode("ascii", "replace")), path=self.path)
+        stripe_sectors = ceil_div(key_bytes * LUKS_STRIPES, 512)
+        slots = []
+        for index in range(LUKS_SLOTS):
+            active, _iters = struct.unpack_from(">II", phdr, 208 + 48 * index)
+            start, stripes = struct.unpack_from(">II", phdr, 208 + 48 * index + 40)
+            problem = None
+            if stripes != LUKS_STRIPES:
+                problem = "has %d stripes, not %d" % (stripes, LUKS_STRIPES)
+            elif active not in (LUKS_SLOT_ENABLED, LUKS_SLOT_DISABLED):
+                problem = "has a corrupted state"
+            elif start < LUKS_HEADER_SECTORS:
+                problem = "overlaps the LUKS header"
+            elif payload < start + stripe_sectors:
+                problem = "overlaps the encrypted payload"
+            else:
+                for other, (ostart, oend) in enumerate(slots):
+                    if start < oend and ostart < start + stripe_sectors:
+                        problem = "overlaps key slot %d" % other
+                        break
+            if problem:
+                raise Qcow2Error("corrupt image: LUKS key slot %d %s" % (index, problem),
+                                 path=self.path)
+            slots.append((start, start + stripe_sectors))
 
     def _parse_bitmaps_extension(self):
-        """The bitmaps extension, used only when the autoclear 'bitmaps' bit is set (QEMU
-        ignores the extension otherwise)."""
+        """The bitmaps extension. Its length is checked always; the rest only when the
+        autoclear 'bitmaps' bit is set (QEMU ignores the extension otherwise). The last such
+        extension counts, as in QEMU."""
         self.nb_bitmaps = 0
         self.bitmap_directory_offset = self.bitmap_directory_size = 0
-        ext = find_extension(self.extensions, C.EXT_BITMAPS)
-        if ext is None or not self.header.autoclear_features & C.AUTOCLEAR_BITMAPS:
-            return
-        if len(ext) != _BITMAPS_EXT.size:
-            raise Qcow2Error("corrupt header: bitmaps extension has %d bytes, expected 24"
-                             % len(ext), path=self.path)
-        nb, reserved, dir_size, dir_offset = _BITMAPS_EXT.unpack(ext)
-        if reserved:
-            raise Qcow2Error("corrupt header: reserved field of the bitmaps extension is not "
-                             "zero", path=self.path)
-        if not 1 <= nb <= MAX_BITMAPS:
-            raise Qcow2Error("corrupt header: bitmaps extension claims %d bitmaps" % nb,
-                             path=self.path)
-        if dir_size > MAX_BITMAP_DIRECTORY or dir_size < nb * _BITMAP_ENTRY.size:
-            raise Qcow2Error("corrupt header: bitmap directory size %d is invalid" % dir_size,
-                             path=self.path)
-        if dir_offset & (self.cluster_size - 1) or not dir_offset:
-            raise Qcow2Error("corrupt header: bitmap directory offset %#x is invalid"
-                             % dir_offset, path=self.path)
-        self.nb_bitmaps = nb
-        self.bitmap_directory_offset = dir_offset
-        self.bitmap_directory_size = dir_size
+        for ext in self.extensions:
+            if ext.type != C.EXT_BITMAPS:
+                continue
+            if len(ext.data) != _BITMAPS_EXT.size:
+                raise Qcow2Error("corrupt header: bitmaps extension has %d bytes, expected 24"
+                                 % len(ext.data), path=self.path)
+            if not self.header.autoclear_features & C.AUTOCLEAR_BITMAPS:
+                continue
+            nb, reserved, dir_size, dir_offset = _BITMAPS_EXT.unpack(ext.data)
+            if reserved:
+                raise Qcow2Error("corrupt header: reserved field of the bitmaps extension is "
+                                 "not zero", path=self.path)
+            if nb > MAX_BITMAPS:
+                raise Qcow2Error("corrupt header: bitmaps extension claims %d bitmaps, more "
+                                 "than %d" % (nb, MAX_BITMAPS), path=self.path)
+            if nb == 0:
+                raise Qcow2Error("corrupt header: bitmaps extension with zero bitmaps",
+                                 path=self.path)
+            if dir_offset % self.cluster_size:
+                raise Qcow2Error("corrupt header: bitmap directory offset %#x is not cluster "
+                                 "aligned" % dir_offset, path=self.path)
+            if dir_size > MAX_BITMAP_DIRECTORY:
+                raise Qcow2Error("corrupt header: bitmap directory size %d exceeds the maximum "
+                                 "of %d" % (dir_size, MAX_BITMAP_DIRECTORY), path=self.path)
+            self.nb_bitmaps = nb
+            self.bitmap_directory_offset = dir_offset
+            self.bitmap_directory_size = dir_size
 
     def bitmaps(self):
-        """The bitmap directory: a list of dicts (name, granularity_bits, flags,
-        table_offset, table_size). Raises Qcow2Error when it cannot be parsed."""
-        if not self.nb_bitmaps:
-            return []
+        """The bitmap directory: a list of dicts (name, granularity_bits, flags, type,
+        table_offset, table_size), as validated when the image was opened."""
+        return [dict(bm) for bm in self._bitmap_list or ()]
+
+    def _load_bitmaps(self):
+        """Read and check the bitmap directory and the tables of the bitmaps in use, the way
+        QEMU does when it opens an image; raises Qcow2Error naming the first defect."""
         size = self.bitmap_directory_size
-        if self.bitmap_directory_offset + size > self.file_size:
-            raise Qcow2Error("corrupt image: bitmap directory runs past the end of the file",
-                             path=self.path)
+        cs = self.cluster_size
+        if size == 0:
+            raise Qcow2Error("corrupt image: bitmap directory size is zero", path=self.path)
         data = self.read(self.bitmap_directory_offset, size)
         result = []
         pos = 0
-        for _index in range(self.nb_bitmaps):
+        while pos < size:
             if pos + _BITMAP_ENTRY.size > size:
-                raise Qcow2Error("corrupt image: bitmap directory is truncated", path=self.path)
+                raise Qcow2Error("corrupt image: broken bitmap directory (an entry is cut off)",
+                                 path=self.path)
+            if len(result) >= self.nb_bitmaps:
+                raise Qcow2Error("corrupt image: more bitmaps in the directory than the bitmaps "
+                                 "extension says (%d)" % self.nb_bitmaps, path=self.path)
             (table_offset, table_size, flags, btype, gran_bits, name_size,
              extra_size) = _BITMAP_ENTRY.unpack_from(data, pos)
             end = pos + _BITMAP_ENTRY.size + extra_size + name_size
-            if end > size or table_size > MAX_BITMAP_TABLE or gran_bits > 31 or \
-                    table_offset & (self.cluster_size - 1):
-                raise Qcow2Error("corrupt image: invalid bitmap directory entry",
+            nxt = (end + 7) & ~7
+            if nxt > size:
+                raise Qcow2Error("corrupt image: broken bitmap directory (an entry runs past "
+                                 "its end)", path=self.path)
+            if extra_size:
+                raise Qcow2Error("corrupt image: bitmap directory entry with extra data (not "
+                                 "supported by QEMU)", path=self.path)
+            raw_name = data[end - name_size:end]
+            name = raw_name.split(b"\0", 1)[0].decode("utf-8", "replace")
+            reason = self._bitmap_entry_defect(table_offset, table_size, flags, btype,
+                                               gran_bits, name_size)
+            if reason:
+                raise Qcow2Error("corrupt image: bitmap %r is invalid: %s" % (name, reason),
                                  path=self.path)
-            name = data[end - name_size:end].decode("utf-8", "replace")
             result.append({"name": name, "granularity_bits": gran_bits, "flags": flags,
                            "type": btype, "table_offset": table_offset,
                            "table_size": table_size})
-            pos = (end + 7) & ~7
+            pos = nxt
+        if len(result) != self.nb_bitmaps:
+            raise Qcow2Error("corrupt image: fewer bitmaps in the directory (%d) than the "
+                             "bitmaps extension says (%d)" % (len(result), self.nb_bitmaps),
+                             path=self.path)
+        seen = set()
+        for bm in result:
+            if bm["flags"] & BME_FLAG_IN_USE and bm["name"] in seen:
+                continue        # QEMU skips an in-use bitmap whose name it already loaded
+            if bm["name"] in seen:
+                raise Qcow2Error("corrupt image: two bitmaps are named %r" % bm["name"],
+                                 path=self.path)
+            seen.add(bm["name"])
+            if bm["flags"] & BME_FLAG_IN_USE:
+                continue        # QEMU does not read the table of an in-use bitmap
+            table = self.read(bm["table_offset"], bm["table_size"] * 8)
+            for (entry,) in _Q.iter_unpack(table):
+                offset = entry & BME_OFFSET_MASK
+                if entry & BME_RESERVED_MASK or (offset and (entry & 1 or offset % cs)):
+                    raise Qcow2Error("corrupt image: bitmap %r has an invalid bitmap table "
+                                     "entry %#x" % (bm["name"], entry), path=self.path)
+            if self.virtual_size:
+                longs = ((self.virtual_size - 1) >> (bm["granularity_bits"] + 6)) + 1
+                want = ceil_div(longs * 8, cs)
+                if want != bm["table_size"]:
+                    raise Qcow2Error("corrupt image: bitmap %r has a table of %d entries where "
+                                     "its size and granularity need %d"
+                                     % (bm["name"], bm["table_size"], want), path=self.path)
         return result
+
+    def _bitmap_entry_defect(self, table_offset, table_size, flags, btype, gran_bits,
+                             name_size):
+        """Why QEMU rejects a bitmap directory entry, or None."""
+        cs = self.cluster_size
+        if table_size == 0 or table_offset == 0 or table_offset % cs:
+            return "bitmap table offset %#x or size %d invalid" % (table_offset, table_size)
+        if table_size > MAX_BITMAP_TABLE:
+            return "bitmap table of %d entries is too large" % table_size
+        if not MIN_GRANULARITY_BITS <= gran_bits <= MAX_GRANULARITY_BITS:
+            return "granularity bits %d outside %d..%d" % (
+                gran_bits, MIN_GRANULARITY_BITS, MAX_GRANULARITY_BITS)
+        if flags & BME_RESERVED_FLAGS:
+            return "reserved flags %#x set" % (flags & BME_RESERVED_FLAGS)
+        if name_size > MAX_BITMAP_NAME:
+            return "name of %d bytes is too long" % name_size
+        if btype != BITMAP_TYPE_DIRTY:
+            return "unknown bitmap type %d" % btype
+        phys = table_size * cs
+        if phys > MAX_BITMAP_PHYS:
+            return "bitmap data of %d bytes is too large" % phys
+        if not flags & BME_FLAG_IN_USE and self.virtual_size > (phys * 8) << gran_bits:
+            return "bitmap table too small for the virtual size"
+        return None
 
     def _check_table(self, name, offset, nbytes):
         cs = self.cluster_size
@@ -420,20 +594,31 @@ class Image(object):
         result = []
         pos = hdr.snapshots_offset
         end_limit = hdr.snapshots_offset + MAX_SNAPSHOTS_SIZE
+        window = [0, b""]
+
+        def read(offset, length):
+            """Reads through a 1 MiB window: the table is read once, not field by field."""
+            start, data = window
+            if offset < start or offset + length > start + len(data):
+                window[0] = offset
+                window[1] = data = self.read(offset, max(length, 1 << 20))
+                start = offset
+            return data[offset - start:offset - start + length]
+
         for i in range(hdr.nb_snapshots):
             pos = (pos + 7) & ~7
-            fixed = self.read(pos, _SNAP.size)
+            fixed = read(pos, _SNAP.size)
             (l1_off, l1_size, id_len, name_len, date_sec, date_nsec, clock_ns, vm_state,
              extra_len) = _SNAP.unpack(fixed)
             pos += _SNAP.size
             if extra_len > MAX_SNAPSHOT_EXTRA:
                 raise Qcow2Error("corrupt image: too much extra metadata in snapshot table entry "
                                  "%d" % i, path=self.path)
-            extra = self.read(pos, extra_len)
+            extra = read(pos, extra_len)
             pos += extra_len
-            ident = self.read(pos, id_len)
+            ident = read(pos, id_len)
             pos += id_len
-            name = self.read(pos, name_len)
+            name = read(pos, name_len)
             pos += name_len
             if pos > end_limit:
                 raise Qcow2Error("corrupt image: snapshot table too large", path=self.path)
@@ -451,7 +636,7 @@ class Image(object):
                 "l1_table_offset": l1_off, "l1_size": l1_size,
                 "id": ident.decode("utf-8", "replace"), "name": name.decode("utf-8", "replace"),
                 "date_sec": date_sec, "date_nsec": date_nsec, "vm_clock_nsec": clock_ns,
-                "vm_state_size": vm_state, "icount": icount,
+                "vm_state_size": vm_state, "icount": icount, "extra_data_size": extra_len,
             })
         size = pos - hdr.snapshots_offset if hdr.nb_snapshots else 0
         return result, size
