@@ -98,7 +98,8 @@ def signatures(head, tail=b""):
 
 
 def _size_text(n):
-    for unit, shift in (("EiB", 60), ("PiB", 50), ("TiB", 40), ("GiB", 30), ("MiB", 20)):
+    for unit, shift in (("EiB", 60), ("PiB", 50), ("TiB", 40), ("GiB", 30), ("MiB", 20),
+                         ("KiB", 10)):
         if n >= 1 << shift:
             return "%.4g %s" % (n / float(1 << shift), unit)
     return "%d bytes" % n
