@@ -97,9 +97,11 @@ def signatures(head, tail=b""):
     return found
 
 
+_UNITS = (("EiB", 60), ("PiB", 50), ("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10))
+
+
 def _size_text(n):
-    for unit, shift in (("EiB", 60), ("PiB", 50), ("TiB", 40), ("GiB", 30), ("MiB", 20),
-                         ("KiB", 10)):
+    for unit, shift in _UNITS:
         if n >= 1 << shift:
             return "%.4g %s" % (n / float(1 << shift), unit)
     return "%d bytes" % n
