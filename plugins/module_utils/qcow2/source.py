@@ -4,6 +4,10 @@
 """Sources of guest content for an image made from a template: a raw file or block device, or a
 qcow2 image with its backing chain flattened, as `qemu-img convert` reads them.
 
+A template is untrusted by default: a qcow2 source with a backing file is refused (its chain
+could name any host file) before the backing file is opened or looked up, unless the caller
+passes `allow_backing=True` (the module's `source_backing_chain`).
+
 `open_source(path, fmt)` opens every file read-only, refuses what cannot be copied faithfully
 before any guest byte is read (encryption, the corrupt or dirty bit, a failed consistency
 check, a running QEMU writing the file, a backing file without a recorded format, a loop), and
