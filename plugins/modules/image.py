@@ -286,6 +286,13 @@ EXAMPLES = r"""
     size: 40G
     preallocation: metadata
 
+- name: A disk from our own layered template, its backing chain flattened (trusted only)
+  vdisk.qcow2.image:
+    path: /var/lib/images/build07.qcow2
+    source: /var/lib/images/templates/debian-12-hardened.qcow2
+    source_format: qcow2
+    source_backing_chain: true
+
 - name: Remove an image (refused while a VM runs on it)
   vdisk.qcow2.image:
     path: /var/lib/images/old.qcow2
