@@ -151,16 +151,33 @@ options:
         predicts exactly what a creation would do.
       - O(size) defaults to the source's virtual size; a smaller size is refused.
       - The source is opened read-only and never locked. An encrypted, corrupt or dirty source,
-        one a running QEMU writes to, and a qcow2 source whose backing chain lacks a recorded
-        format are refused before anything is written.
+        one a running QEMU writes to, one with an external data file, and a qcow2 source with
+        a backing file (unless O(source_backing_chain=true)) are refused before anything is
+        written, in check mode too.
+      - A template is untrusted by default. Vet a downloaded one with
+        M(vdisk.qcow2.image_info) (its C(image.unsafe_reasons) result) before using it.
     type: path
   source_format:
     description:
       - Format of O(source), V(raw) (a file or block device) or V(qcow2) (with compressed,
-        zero and extended-L2 clusters, and its backing chain flattened). Required with
-        O(source); the format is never guessed.
+        zero and extended-L2 clusters; its backing chain is flattened only with
+        O(source_backing_chain=true)). Required with O(source); the format is never guessed.
     type: str
     choices: [raw, qcow2]
+  source_backing_chain:
+    description:
+      - Whether a qcow2 O(source) may have a backing file, whose chain is then followed and
+        flattened into the new image (as C(qemu-img convert) does).
+      - By default such a source is refused, before any backing file is opened or even
+        looked up, with a message naming the backing file as recorded and as it resolves.
+      - B(Risk:) a backing file name is chosen by whoever made the template. It can name any
+        file on the managed host (an absolute path, a relative C(../../) path, or a later
+        link of the chain), and with V(true) the new image's guest reads that file's bytes
+        (keys, password hashes, other guests' disks). Set it only for templates you built or
+        otherwise trust, together with every file of their chain.
+      - Raw sources and qcow2 sources without a backing file need no opt-in.
+    type: bool
+    default: false
   backup:
     description:
       - When O(force=true) recreates or replaces the file at O(path), keep the old file
@@ -268,6 +285,13 @@ EXAMPLES = r"""
     source_format: qcow2
     size: 40G
     preallocation: metadata
+
+- name: A disk from our own layered template, its backing chain flattened (trusted only)
+  vdisk.qcow2.image:
+    path: /var/lib/images/build07.qcow2
+    source: /var/lib/images/templates/debian-12-hardened.qcow2
+    source_format: qcow2
+    source_backing_chain: true
 
 - name: Remove an image (refused while a VM runs on it)
   vdisk.qcow2.image:
@@ -377,7 +401,8 @@ def _declared(module, path):
     declared = dict((k, params[k]) for k in (
         "size", "preallocation", "cluster_size", "compat", "refcount_bits",
         "lazy_refcounts", "extended_l2", "compression_type", "backing_file", "backing_fmt",
-        "data_file", "data_file_raw", "nocow", "source", "source_format"))
+        "data_file", "data_file_raw", "nocow", "source", "source_format",
+        "source_backing_chain"))
     if declared["backing_file"]:
         declared["backing_file_realpath"] = api.backing_realpath(path, declared["backing_file"])
     return declared
@@ -539,6 +564,7 @@ def main():
             follow=dict(type="bool", default=False),
             source=dict(type="path"),
             source_format=dict(type="str", choices=["raw", "qcow2"]),
+            source_backing_chain=dict(type="bool", default=False),
         ),
         required_together=[("backing_file", "backing_fmt"), ("source", "source_format")],
         required_by={"data_file_raw": "data_file"},

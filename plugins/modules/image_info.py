@@ -38,6 +38,15 @@ options:
         M(ansible.builtin.stat)) the link itself is reported (RV(islink)) and not followed.
     type: bool
     default: false
+  max_size:
+    description:
+      - The largest virtual size (a raw file's length) that RV(image.unsafe_reasons) accepts
+        for a template, in bytes or with a binary suffix (V(64T), V(500GiB)). V(0) turns
+        the limit off.
+      - A template claiming a larger size is reported, because creating, checking or
+        copying such an image can exhaust the host's disk or memory.
+    type: str
+    default: 64T
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
 attributes:
@@ -53,6 +62,8 @@ attributes:
     platforms: posix
 notes:
   - Backing files and external data files are never opened.
+  - RV(image.unsafe_reasons) vets a file before it is used as an untrusted template (the
+    O(vdisk.qcow2.image#module:source) of M(vdisk.qcow2.image)); see the templates guide.
 seealso:
   - module: vdisk.qcow2.image
 """
@@ -73,6 +84,17 @@ EXAMPLES = r"""
     check: true
   register: checked
   failed_when: checked.image.check.corruptions > 0
+
+- name: Vet a downloaded template before using it
+  vdisk.qcow2.image_info:
+    path: /var/lib/images/templates/download.qcow2
+    check: true
+  register: template
+
+- name: Refuse a template that is not safe to copy
+  ansible.builtin.assert:
+    that: template.image.unsafe_reasons == []
+    fail_msg: "{{ template.image.unsafe_reasons | join('; ') }}"
 """
 
 RETURN = r"""
@@ -99,6 +121,24 @@ image:
       description: C(qcow2), or C(unknown) for a file that is not a valid qcow2 image.
       type: str
       sample: qcow2
+    unsafe_reasons:
+      description:
+        - Why the file is not safe to use as an untrusted template (the source of a new
+          image), one sentence each; an empty list when no reason was found.
+        - Reasons are a backing file (named; its chain could lead to any host file), an
+          external data file, encryption, unknown incompatible feature bits, the corrupt or
+          dirty bit, a qcow2 header that QEMU would refuse (the message says why), a virtual
+          size above O(max_size), corruptions found by O(check=true), and for a file that is
+          not qcow2, the signature of another disk format (VMDK, VHD, VHDX, VDI, QED, LUKS,
+          qcow version 1, and others), so that a file passed off as raw is caught.
+        - A plain raw file without such a signature, or a clean self-contained qcow2 image,
+          gives V([]).
+      returned: when a file exists at O(path)
+      type: list
+      elements: str
+      sample:
+        - "it has a backing file '/etc/shadow' (a backing chain can name any host file,
+          which a copy would read)"
     error:
       description: Why the file is not a valid qcow2 image.
       type: str
@@ -226,6 +266,7 @@ from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.vdisk.qcow2.plugins.module_utils.qcow2 import api
 from ansible_collections.vdisk.qcow2.plugins.module_utils.qcow2.errors import Qcow2Error
+from ansible_collections.vdisk.qcow2.plugins.module_utils.qcow2.options import parse_size
 
 
 def main():
@@ -234,6 +275,7 @@ def main():
             path=dict(type="path", required=True),
             check=dict(type="bool", default=False),
             follow=dict(type="bool", default=False),
+            max_size=dict(type="str", default="64T"),
         ),
         supports_check_mode=True,
     )
@@ -247,6 +289,10 @@ def main():
                                        "image it points to" % given])
         path = os.path.realpath(given)
     try:
+        max_size = parse_size(module.params["max_size"], "max_size")
+    except Qcow2Error as exc:
+        module.fail_json(msg=str(exc), path=given, image={})
+    try:
         observed = api.observe(path, with_check=module.params["check"])
     except Qcow2Error as exc:
         module.fail_json(msg=str(exc), exists=True, islink=islink, path=given, image={})
@@ -254,7 +300,7 @@ def main():
         module.fail_json(msg="%s: %s" % (given, exc), exception=traceback.format_exc(),
                          path=given)
     module.exit_json(changed=False, exists=observed is not None, islink=islink, path=given,
-                     image=api.public_view(observed))
+                     image=api.public_view(observed, vet_path=path, max_size=max_size))
 
 
 if __name__ == "__main__":

@@ -109,10 +109,11 @@ def guest_digest(src):
     return digest.hexdigest(), read, extents
 
 
-def assert_same_view(path, fmt, tmp, ranges=8):
-    """The Source's guest view equals qemu-img convert's; random reads agree too."""
+def assert_same_view(path, fmt, tmp, ranges=8, allow_backing=False):
+    """The Source's guest view equals qemu-img convert's; random reads agree too (a backing
+    chain is flattened only with `allow_backing`, as the caller trusts it)."""
     expected = oracle_raw(path, fmt, tmp)
-    with open_source(str(path), fmt) as src:
+    with open_source(str(path), fmt, allow_backing=allow_backing) as src:
         assert src.size == os.path.getsize(expected)
         got, read, extents = guest_digest(src)
         assert got == file_digest(expected, src.size), "guest view differs from qemu-img's"
@@ -131,9 +132,9 @@ def data_bytes(extents):
     return sum(n for _o, n, d in extents if d)
 
 
-def expect_refusal(path, fmt, *words):
+def expect_refusal(path, fmt, *words, allow_backing=False):
     with pytest.raises(Qcow2Error) as info:
-        open_source(str(path), fmt)
+        open_source(str(path), fmt, allow_backing=allow_backing)
     err = info.value
     assert err.option == "source", (err.option, str(err))
     text = str(err)
@@ -405,8 +406,8 @@ def test_extended_l2_subclusters_over_a_backing_file(tmp_path, qemu_img):
     qemu_io(top, "write -P 0x01 4k 4k", "write -z 68k 8k", "discard 132k 4k",
             "write -P 0x02 1M 64k", "write -z 2M 64k", "write -c -P 0x03 3M 64k",
             "write -P 0x04 3136k 2k", "write -P 0x05 4104k 2k", "write -z 256k 1k")
-    _read, extents = assert_same_view(top, "qcow2", tmp_path, ranges=24)
-    with open_source(top, "qcow2") as src:
+    _read, extents = assert_same_view(top, "qcow2", tmp_path, ranges=24, allow_backing=True)
+    with open_source(top, "qcow2", allow_backing=True) as src:
         # Unallocated subclusters of an allocated cluster read the backing file.
         assert src.read(0, 4096) == b"\xaa" * 4096
         assert src.read(4096, 4096) == b"\x01" * 4096
@@ -444,8 +445,8 @@ def _chain(tmp_path):
 
 def test_chain_two_links_and_raw_base(tmp_path, qemu_img):
     top, mid, base = _chain(tmp_path)
-    _read, extents = assert_same_view(top, "qcow2", tmp_path, ranges=24)
-    with open_source(top, "qcow2") as src:
+    _read, extents = assert_same_view(top, "qcow2", tmp_path, ranges=24, allow_backing=True)
+    with open_source(top, "qcow2", allow_backing=True) as src:
         assert src.describe()["chain"] == [
             (top, "qcow2"), (os.path.join(str(tmp_path), "mid/mid.qcow2"), "qcow2"),
             (os.path.join(str(tmp_path), "mid/../base/base.raw"), "raw")]
@@ -461,7 +462,7 @@ def test_chain_two_links_and_raw_base(tmp_path, qemu_img):
     cwd = os.getcwd()
     os.chdir(str(tmp_path / "base"))
     try:
-        with open_source("../top.qcow2", "qcow2") as src:
+        with open_source("../top.qcow2", "qcow2", allow_backing=True) as src:
             assert src.describe()["chain"][1] == ("../mid/mid.qcow2", "qcow2")
             assert guest_digest(src)[0] == file_digest(oracle_raw(top, "qcow2", tmp_path),
                                                        16 * MiB)
@@ -478,8 +479,8 @@ def test_backing_smaller_and_zero_clusters(tmp_path, qemu_img):
         qimg("create", "-q", "-f", "qcow2", "-o", "compat=" + compat, "-b", "b.qcow2",
              "-F", "qcow2", top, "8M")
         qemu_io(top, "write -z 64k 128k", "write -z 1M 4k", "write -P 1 7M 4k")
-        assert_same_view(top, "qcow2", tmp_path, ranges=12)
-        with open_source(top, "qcow2") as src:
+        assert_same_view(top, "qcow2", tmp_path, ranges=12, allow_backing=True)
+        with open_source(top, "qcow2", allow_backing=True) as src:
             assert src.read(64 * KiB, 128 * KiB) == bytes(128 * KiB)
             assert src.read(0, 64 * KiB) == b"\x5a" * (64 * KiB)
             assert src.read(3 * MiB - 2, 4) == b"\x5a\x5a\0\0"
@@ -596,15 +597,16 @@ def test_refuses_backing_without_format(tmp_path, qemu_img):
     with Image.open(top) as img:
         assert img.backing_file == "base.qcow2" and img.backing_fmt is None
     expect_refusal(top, "qcow2", top, "without a recorded backing format",
-                   "the format is never probed")
+                   "the format is never probed", allow_backing=True)
     # A backing format that is neither raw nor qcow2, and a missing backing file.
     odd = str(tmp_path / "odd.qcow2")
     qimg("create", "-q", "-f", "qcow2", "-u", "-b", "base.vmdk", "-F", "vmdk", odd, "1M")
-    expect_refusal(odd, "qcow2", odd, "'vmdk'")
+    expect_refusal(odd, "qcow2", odd, "'vmdk'", allow_backing=True)
     gone = str(tmp_path / "gone.qcow2")
     qimg("create", "-q", "-f", "qcow2", "-u", "-b", "nowhere.qcow2", "-F", "qcow2", gone,
          "1M")
-    expect_refusal(gone, "qcow2", "nowhere.qcow2", "backing file of %s" % gone)
+    expect_refusal(gone, "qcow2", "nowhere.qcow2", "backing file of %s" % gone,
+                   allow_backing=True)
 
 
 def test_refuses_loops_and_long_chains(tmp_path, qemu_img):
@@ -612,20 +614,20 @@ def test_refuses_loops_and_long_chains(tmp_path, qemu_img):
     b = str(tmp_path / "b.qcow2")
     qimg("create", "-q", "-f", "qcow2", "-u", "-b", "b.qcow2", "-F", "qcow2", a, "1M")
     qimg("create", "-q", "-f", "qcow2", "-u", "-b", "a.qcow2", "-F", "qcow2", b, "1M")
-    expect_refusal(a, "qcow2", "loops")
+    expect_refusal(a, "qcow2", "loops", allow_backing=True)
     selfish = str(tmp_path / "self.qcow2")
     qimg("create", "-q", "-f", "qcow2", "-u", "-b", "self.qcow2", "-F", "qcow2", selfish,
          "1M")
-    expect_refusal(selfish, "qcow2", "loops")
+    expect_refusal(selfish, "qcow2", "loops", allow_backing=True)
     prev = None
     for k in range(source.MAX_CHAIN + 1):
         path = str(tmp_path / ("l%02d.qcow2" % k))
         args = ["-b", prev, "-F", "qcow2"] if prev else []
         qimg("create", "-q", "-f", "qcow2", *(args + [path, "1M"]))
         prev = os.path.basename(path)
-    expect_refusal(path, "qcow2", "longer than %d" % source.MAX_CHAIN)
+    expect_refusal(path, "qcow2", "longer than %d" % source.MAX_CHAIN, allow_backing=True)
     below = str(tmp_path / ("l%02d.qcow2" % (source.MAX_CHAIN - 1)))
-    with open_source(below, "qcow2") as src:
+    with open_source(below, "qcow2", allow_backing=True) as src:
         assert len(src.describe()["chain"]) == source.MAX_CHAIN
 
 
@@ -680,7 +682,8 @@ def test_refuses_a_source_a_qemu_writes(tmp_path, qemu_img, template):
     qimg("create", "-q", "-f", "qcow2", "-b", "busy.qcow2", "-F", "qcow2", top, "1M")
     writer = _hold(path, "-f", "qcow2")
     try:
-        expect_refusal(top, "qcow2", path, "backing file of %s" % top, "in use")
+        expect_refusal(top, "qcow2", path, "backing file of %s" % top, "in use",
+                       allow_backing=True)
     finally:
         _stop(writer)
 

@@ -99,13 +99,14 @@ def is_block_device(path):
         return False
 
 
-def open_source(source, source_format):
-    """Open a source of guest content (raw or qcow2, read-only); a Source (close it)."""
+def open_source(source, source_format, allow_backing=False):
+    """Open a source of guest content (raw or qcow2, read-only); a Source (close it). A qcow2
+    source with a backing file is refused unless `allow_backing` (the chain is trusted)."""
     from .source import open_source as _open
     if source_format not in ("raw", "qcow2"):
         raise Qcow2Error("source_format: %r is not raw or qcow2 (the format of a source is never "
                          "guessed)" % (source_format,), option="source_format")
-    return _open(source, source_format)
+    return _open(source, source_format, allow_backing=allow_backing)
 
 
 def source_options(path, values, source):
@@ -119,14 +120,16 @@ def source_options(path, values, source):
     return opts
 
 
-def create_from(path, values, source, source_format, replace=False, mode=0o644):
-    """Create the image at `path` with the guest content of a source. Returns a dict."""
+def create_from(path, values, source, source_format, replace=False, mode=0o644,
+                allow_backing=False):
+    """Create the image at `path` with the guest content of a source. Returns a dict. A qcow2
+    source's backing chain is flattened only with `allow_backing`, else refused."""
     from .convert import create_from_source
     if os.path.islink(path):
         raise Qcow2Error("%s: is a symbolic link; give the real path" % path, path=path)
     if os.path.isdir(path):
         raise Qcow2Error("%s: is a directory" % path, path=path)
-    src = open_source(source, source_format)
+    src = open_source(source, source_format, allow_backing=allow_backing)
     try:
         if replace and os.path.lexists(path):
             from . import lock
@@ -247,12 +250,14 @@ def _check_directory(path, what):
         raise Qcow2Error("%s: cannot %s in %s: %s" % (path, what, parent, reason), path=path)
 
 
-def preflight_create(path, values, replace=False, source=None, source_format=None):
+def preflight_create(path, values, replace=False, source=None, source_format=None,
+                     allow_backing=False):
     """Raise what creating (or replacing) the image at `path` would fail on before its first
-    write: options, the directory, the backing file, the source, free space. Reads only."""
+    write: options, the directory, the backing file, the source (its backing chain refused
+    unless `allow_backing`), free space. Reads only."""
     if source is not None:
         from .convert import check_space as check_copy_space
-        src = open_source(source, source_format)
+        src = open_source(source, source_format, allow_backing=allow_backing)
         try:
             opts = source_options(path, values, src)
             if is_block_device(path):
@@ -298,7 +303,8 @@ def preflight(path, decision):
         if action.kind in ("create", "recreate"):
             preflight_create(path, action.args["values"], replace=action.kind == "recreate",
                              source=action.args.get("source"),
-                             source_format=action.args.get("source_format"))
+                             source_format=action.args.get("source_format"),
+                             allow_backing=bool(action.args.get("source_backing_chain")))
         elif action.kind == "remove":
             preflight_remove(path)
     kinds = [a for a in decision.actions if a.kind in IN_PLACE]
@@ -437,7 +443,8 @@ def _apply_one(path, action, mode):
         if action.args.get("source"):
             return create_from(path, action.args["values"], action.args["source"],
                                action.args["source_format"],
-                               replace=action.kind == "recreate", mode=mode)
+                               replace=action.kind == "recreate", mode=mode,
+                               allow_backing=bool(action.args.get("source_backing_chain")))
         return create(path, action.args["values"], replace=action.kind == "recreate", mode=mode)
     if action.kind == "remove":
         _remove_unheld(path)
@@ -483,13 +490,28 @@ IMAGE_KEYS = ("format", "virtual_size", "cluster_size", "compat", "refcount_bits
               "actual_size", "allocated_clusters", "in_use", "snapshots", "leaked_clusters")
 
 
-def public_view(observed):
-    """The `image` dict the modules return, from observe()'s result (None when absent)."""
+def public_view(observed, vet_path=None, max_size=None):
+    """The `image` dict the modules return, from observe()'s result (None when absent).
+
+    With `vet_path` (the path observed) it also holds `unsafe_reasons`: why the file is not
+    safe as an untrusted template (vetting.unsafe_reasons; `max_size` bounds the virtual size,
+    None for the default limit, 0 for none)."""
     if observed is None:
         return {}
     if not observed.get("qcow2"):
-        return {"format": observed.get("format", "unknown"), "error": observed.get("reason"),
+        view = {"format": observed.get("format", "unknown"), "error": observed.get("reason"),
                 "in_use": observed.get("in_use", False)}
+    else:
+        view = _qcow2_view(observed)
+    if vet_path is not None:
+        from . import vetting
+        limit = vetting.DEFAULT_MAX_SIZE if max_size is None else max_size
+        view["unsafe_reasons"] = vetting.unsafe_reasons(observed, vetting.read_probe(vet_path),
+                                                        limit)
+    return view
+
+
+def _qcow2_view(observed):
     view = dict((k, observed.get(k)) for k in IMAGE_KEYS)
     view["guest_data"] = observed.get("guest_data")
     view["allocation_method"] = observed.get("allocation_method")

@@ -184,7 +184,8 @@ def _source_args(declared):
     """The source of a copy ({} when the image is created empty)."""
     if not declared.get("source"):
         return {}
-    return {"source": str(declared["source"]), "source_format": declared.get("source_format")}
+    return {"source": str(declared["source"]), "source_format": declared.get("source_format"),
+            "source_backing_chain": bool(declared.get("source_backing_chain"))}
 
 
 def _source_text(copy):

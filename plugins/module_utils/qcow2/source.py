@@ -4,6 +4,10 @@
 """Sources of guest content for an image made from a template: a raw file or block device, or a
 qcow2 image with its backing chain flattened, as `qemu-img convert` reads them.
 
+A template is untrusted by default: a qcow2 source with a backing file is refused (its chain
+could name any host file) before the backing file is opened or looked up, unless the caller
+passes `allow_backing=True` (the module's `source_backing_chain`).
+
 `open_source(path, fmt)` opens every file read-only, refuses what cannot be copied faithfully
 before any guest byte is read (encryption, the corrupt or dirty bit, a failed consistency
 check, a running QEMU writing the file, a backing file without a recorded format, a loop), and
@@ -675,8 +679,13 @@ def _pread(fd, n, offset):
 # open_source
 
 
-def open_source(path, fmt):
+def open_source(path, fmt, allow_backing=False):
     """Open `path` read-only as a source of guest content in format `fmt` ('raw' or 'qcow2').
+
+    A qcow2 source with a backing file is refused unless `allow_backing` is true: a template
+    is untrusted by default, and its backing chain could name any file on this host, whose
+    bytes the copy would then read. The refusal comes before any backing file is opened or
+    looked up. With `allow_backing` the chain is followed and flattened, as qemu-img does.
 
     Returns a Source. Raises Qcow2Error(option='source' or 'source_format') when it cannot be
     used; nothing of the guest content has been read then.
@@ -690,7 +699,7 @@ def open_source(path, fmt):
         return Source(path, fmt, [_RawLayer(path)])
     layers = []
     try:
-        _open_chain(path, layers)
+        _open_chain(path, layers, allow_backing)
     except BaseException:
         for layer in layers:
             layer.close()
@@ -698,8 +707,9 @@ def open_source(path, fmt):
     return Source(path, fmt, layers)
 
 
-def _open_chain(path, layers):
-    """Open `path` and its backing files into `layers`, top first."""
+def _open_chain(path, layers, allow_backing=False):
+    """Open `path` and its backing files into `layers`, top first (the top only, and a
+    refusal when it has a backing file, unless `allow_backing`)."""
     cur, fmt, what = path, "qcow2", ""
     seen = {}
     while True:
@@ -718,6 +728,8 @@ def _open_chain(path, layers):
         name = img.backing_file
         if not name:
             return
+        if not allow_backing:
+            raise _untrusted_backing(cur, name)
         if not img.backing_fmt:
             raise _refuse("%s%s has a backing file (%s) without a recorded backing format; the "
                           "format is never probed: record it with 'qemu-img rebase -u -b %s -F "
@@ -730,3 +742,22 @@ def _open_chain(path, layers):
                           "host are supported" % (cur, what, name), path=cur)
         what = " (backing file of %s)" % cur
         cur, fmt = path_combine(cur, name), img.backing_fmt
+
+
+def backing_refusal(path, name):
+    """The words of the refusal of a source `path` whose backing file is `name`: the name as
+    recorded, where it leads (worked out from the names alone, nothing is looked up), the risk
+    and the way to accept it."""
+    if name.startswith("json:") or _has_protocol(name):
+        where = "a protocol, not a file"
+    else:
+        where = os.path.normpath(path_combine(os.path.abspath(path), name))
+    return ("%s has a backing file %r (it resolves to %s); a template's backing chain can name "
+            "any file on this host, and the new image's guest would read that file's bytes. "
+            "The backing file was not opened. If the template and its whole chain are trusted, "
+            "set source_backing_chain=true to flatten the chain into the new image; otherwise "
+            "flatten it yourself (qemu-img convert) where it is safe" % (path, name, where))
+
+
+def _untrusted_backing(path, name):
+    return _refuse(backing_refusal(path, name), path=path)
