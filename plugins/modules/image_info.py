@@ -20,9 +20,9 @@ description:
   - A file that is not a qcow2 image, or a damaged one, gives a result that says so
     (RV(image.error)) rather than a failure.
   - A FIFO, a socket, a character device, a directory or a path through a regular file at
-    O(path) is never opened (it could block or have effects of its own): the module fails
-    at once with a message naming what the node is (RV(exists) tells whether a node is
-    there).
+    O(path) is never opened (it could block or have effects of its own); the module fails
+    at once with a message naming what the node is, and RV(exists) tells whether a node is
+    there.
 author:
   - vdisk.qcow2 developers (@vdisk-qcow2)
 options:
