@@ -45,6 +45,10 @@ options:
     description:
       - Absolute path of the qcow2 image on the managed node (a relative path is refused).
       - A symbolic link at O(path) is refused unless O(follow=true).
+      - A FIFO, a socket, a character device, a directory or a path through a regular file is
+        refused at once with a message naming what it is; such a node is never opened, replaced
+        or removed, also with O(force=true), O(state=absent) or O(backup=true). A block device
+        is written only with O(force=true).
     type: path
     required: true
   state:
@@ -222,6 +226,11 @@ attributes:
   vault:
     support: none
 notes:
+  - The image path is opened without following symbolic links, and every write (in place, a
+    replacement, a removal, a backup link) first checks that the file at O(path) is still the
+    one that was inspected; a path swapped in between is refused, not written through.
+  - O(source) and O(backing_file) may be symbolic links, but what they lead to must be a
+    regular file or a block device; anything else is refused before it is opened.
   - Growing, raising preallocation and header changes hold QEMU's write locks while they run,
     so a QEMU started meanwhile is refused; a crash part-way leaves a consistent image with
     the guest's old or new view (at worst with leaked clusters at the end of the file, which
@@ -385,6 +394,7 @@ from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.vdisk.qcow2.plugins.module_utils import module_support
 from ansible_collections.vdisk.qcow2.plugins.module_utils.qcow2 import api
+from ansible_collections.vdisk.qcow2.plugins.module_utils.qcow2 import nodes
 from ansible_collections.vdisk.qcow2.plugins.module_utils.qcow2 import reconcile
 from ansible_collections.vdisk.qcow2.plugins.module_utils.qcow2.errors import Qcow2Error
 
@@ -417,6 +427,7 @@ class Runner(object):
         self.given = self.params["path"]
         self.path = self.given
         self.result = dict(changed=False, actions=[], image={}, path=self.given)
+        self.identity = None    # (st_dev, st_ino) of what observe looked at
         if self.params.get("source"):
             self.result["source"] = self.params["source"]
 
@@ -456,6 +467,7 @@ class Runner(object):
         size = reconcile.normalise(declared).get("size") if params["state"] == "present" \
             else None
         observed = api.observe(self.path, size=size)
+        self.identity = observed.get("identity") if observed else None
         decision = reconcile.decide(declared, observed, state=params["state"],
                                     force=params["force"])
         self.result["image"] = api.public_view(observed)
@@ -468,7 +480,7 @@ class Runner(object):
                       conflicts=decision.conflicts)
         api.add_leftover_cleanup(self.path, decision)
         try:
-            api.preflight(self.path, decision)
+            api.preflight(self.path, decision, expected=self.identity)
         except Qcow2Error as exc:
             self.fail(str(exc), option=exc.option, wanted=decision.texts())
         self.result["actions"] = decision.texts()
@@ -485,14 +497,17 @@ class Runner(object):
             self.fail("backup: a block device cannot be backed up by a link; copy it first")
         name = module_support.backup_name(self.path)
         if not self.module.check_mode:
-            os.link(self.path, name)
+            # Link the file that was inspected, not whatever the path holds by now.
+            nodes.check_identity(self.path, self.identity)
+            os.link(self.path, name, follow_symlinks=False)
         return name
 
     def apply(self, decision):
         backup = self.backup(decision)
         try:
             outcomes = api.apply(self.path, decision,
-                                 mode=module_support.creation_mode(self.module))
+                                 mode=module_support.creation_mode(self.module),
+                                 expected=self.identity)
         except Qcow2Error as exc:
             if backup and os.path.lexists(backup) and os.path.exists(self.path) and \
                     os.path.samefile(backup, self.path):

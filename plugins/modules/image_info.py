@@ -19,6 +19,10 @@ description:
   - Never writes and takes no lock, so it works on images a running VM holds open.
   - A file that is not a qcow2 image, or a damaged one, gives a result that says so
     (RV(image.error)) rather than a failure.
+  - A FIFO, a socket, a character device, a directory or a path through a regular file at
+    O(path) is never opened (it could block or have effects of its own); the module fails
+    at once with a message naming what the node is, and RV(exists) tells whether a node is
+    there.
 author:
   - vdisk.qcow2 developers (@vdisk-qcow2)
 options:
@@ -295,7 +299,8 @@ def main():
     try:
         observed = api.observe(path, with_check=module.params["check"])
     except Qcow2Error as exc:
-        module.fail_json(msg=str(exc), exists=True, islink=islink, path=given, image={})
+        module.fail_json(msg=str(exc), exists=os.path.lexists(path), islink=islink, path=given,
+                         image={})
     except OSError as exc:
         module.fail_json(msg="%s: %s" % (given, exc), exception=traceback.format_exc(),
                          path=given)

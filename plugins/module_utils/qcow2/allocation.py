@@ -478,7 +478,7 @@ def _backing_data_end(img, depth, scan_limit):
                          % (what, "no recorded format" if not fmt else "format %r" % fmt),
                          option="size", path=img.path)
     try:
-        base = Image.open(path)
+        base = Image.open(path, follow=True)
     except Qcow2Error as exc:
         raise Qcow2Error("%s cannot be read: %s" % (what, exc), option="size", path=img.path)
     with base:
@@ -490,20 +490,13 @@ def _backing_data_end(img, depth, scan_limit):
 
 
 def _raw_data_end(path, what, scan_limit):
+    from . import nodes
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) |
-                     getattr(os, "O_CLOEXEC", 0))
-    except OSError as exc:
-        raise Qcow2Error("%s cannot be read: %s" % (what, exc.strerror or exc), option="size")
+        fd, st = nodes.open_checked(path, os.O_RDONLY, follow=True)
+    except Qcow2Error as exc:
+        raise Qcow2Error("%s cannot be read: %s" % (what, exc), option="size")
     try:
-        st = os.fstat(fd)
-        if stat.S_ISBLK(st.st_mode):
-            size = os.lseek(fd, 0, os.SEEK_END)
-        elif stat.S_ISREG(st.st_mode):
-            size = st.st_size
-        else:
-            raise Qcow2Error("%s is neither a regular file nor a block device" % what,
-                             option="size")
+        size = os.lseek(fd, 0, os.SEEK_END) if stat.S_ISBLK(st.st_mode) else st.st_size
         try:
             end = _last_nonzero(_RawLayer(fd, size), 0, size, [scan_limit])
         except OSError as exc:

@@ -16,6 +16,7 @@ from .header import decode_cluster0
 from .options import CreateOptions, check_backing_fmt
 from .planner import plan_create
 from . import guest_rules
+from . import nodes
 from . import resize
 from . import writer
 
@@ -52,19 +53,16 @@ def validate_declaration(declared):
 def backing_size(image_path, backing_file, backing_fmt):
     """The virtual size of a backing file, read only when the user left size out."""
     path = resolve_relative(image_path, backing_file)
-    try:
-        st = os.stat(path)
-    except OSError as exc:
-        raise Qcow2Error("backing_file: cannot open %s: %s" % (path, exc.strerror),
-                         option="backing_file")
-    if backing_fmt == "raw":
-        if stat.S_ISBLK(st.st_mode):
-            with open(path, "rb") as handle:
+    # A backing name may be a symbolic link; the node it leads to must be a file or a device.
+    fd, st = nodes.open_checked(path, os.O_RDONLY, follow=True, what="backing_file",
+                                option="backing_file")
+    with os.fdopen(fd, "rb", buffering=0) as handle:
+        if backing_fmt == "raw":
+            if stat.S_ISBLK(st.st_mode):
                 return handle.seek(0, os.SEEK_END)
-        return st.st_size
+            return st.st_size
+        head = handle.read(2 * 1024 * 1024) if backing_fmt == "qcow2" else None
     if backing_fmt == "qcow2":
-        with open(path, "rb") as handle:
-            head = handle.read(2 * 1024 * 1024)
         try:
             hdr = decode_cluster0(head)[0]
         except Qcow2Error as exc:
@@ -93,10 +91,19 @@ def plan_for(path, opts):
 
 
 def is_block_device(path):
+    """Whether the node at `path` itself (a link is not followed) is a block device."""
     try:
-        return stat.S_ISBLK(os.stat(path).st_mode)
+        return stat.S_ISBLK(os.lstat(path).st_mode)
     except OSError:
         return False
+
+
+def _check_backing(path, backing_file):
+    """The backing file must exist and be a regular file or a block device (it may be reached
+    through a symbolic link); it is not opened here."""
+    backing = resolve_relative(path, backing_file)
+    if nodes.check_node(backing, "backing_file", follow=True, option="backing_file") is None:
+        raise Qcow2Error("backing_file: %s does not exist" % backing, option="backing_file")
 
 
 def open_source(source, source_format, allow_backing=False):
@@ -125,10 +132,7 @@ def create_from(path, values, source, source_format, replace=False, mode=0o644,
     """Create the image at `path` with the guest content of a source. Returns a dict. A qcow2
     source's backing chain is flattened only with `allow_backing`, else refused."""
     from .convert import create_from_source
-    if os.path.islink(path):
-        raise Qcow2Error("%s: is a symbolic link; give the real path" % path, path=path)
-    if os.path.isdir(path):
-        raise Qcow2Error("%s: is a directory" % path, path=path)
+    nodes.check_node(path)
     src = open_source(source, source_format, allow_backing=allow_backing)
     try:
         if replace and os.path.lexists(path):
@@ -145,16 +149,12 @@ def create_from(path, values, source, source_format, replace=False, mode=0o644,
 
 def create(path, values, replace=False, mode=0o644, check_backing=True):
     """Create a qcow2 image at `path` from option values (dict). Returns a result dict."""
-    if os.path.islink(path):
-        raise Qcow2Error("%s: is a symbolic link; give the real path (a link at the image path is "
-                         "never followed nor replaced)" % path, path=path)
-    if os.path.isdir(path):
-        raise Qcow2Error("%s: is a directory" % path, path=path)
+    # A link at the image path is never followed nor replaced; a FIFO, socket, character
+    # device or directory is never opened nor replaced.
+    nodes.check_node(path)
     opts = values if isinstance(values, CreateOptions) else parse_options(path, values)
     if opts.backing_file and check_backing:
-        backing = resolve_relative(path, opts.backing_file)
-        if not os.path.exists(backing):
-            raise Qcow2Error("backing_file: %s does not exist" % backing, option="backing_file")
+        _check_backing(path, opts.backing_file)
     device = is_block_device(path)
     if replace and os.path.lexists(path):
         from . import lock
@@ -255,6 +255,7 @@ def preflight_create(path, values, replace=False, source=None, source_format=Non
     """Raise what creating (or replacing) the image at `path` would fail on before its first
     write: options, the directory, the backing file, the source (its backing chain refused
     unless `allow_backing`), free space. Reads only."""
+    nodes.check_node(path)
     if source is not None:
         from .convert import check_space as check_copy_space
         src = open_source(source, source_format, allow_backing=allow_backing)
@@ -279,9 +280,7 @@ def preflight_create(path, values, replace=False, source=None, source_format=Non
         return opts
     _check_directory(path, "create the image")
     if opts.backing_file:
-        backing = resolve_relative(path, opts.backing_file)
-        if not os.path.exists(backing):
-            raise Qcow2Error("backing_file: %s does not exist" % backing, option="backing_file")
+        _check_backing(path, opts.backing_file)
     if opts.data_file:
         _check_directory(resolve_relative(path, opts.data_file), "create the data file")
     writer.check_space(os.path.dirname(os.path.abspath(path)), plan_for(path, opts))
@@ -293,12 +292,14 @@ def preflight_remove(path):
     _check_directory(path, "remove the image")
 
 
-def preflight(path, decision):
+def preflight(path, decision, expected=None):
     """Raise the Qcow2Error that applying `decision` in place would raise before its first
     write: the editor's guard (dirty, corrupt, damaged) and the planners' guest-view rules.
-    Reads only; check mode runs it so its prediction matches the real run."""
+    Reads only; check mode runs it so its prediction matches the real run. `expected` is the
+    identity observe() recorded: what is at `path` now must still be that file."""
     from .editor import guard_image
     from .image import Image
+    nodes.check_identity(path, expected)
     for action in decision.actions:
         if action.kind in ("create", "recreate"):
             preflight_create(path, action.args["values"], replace=action.kind == "recreate",
@@ -316,6 +317,7 @@ def preflight(path, decision):
     from .image import DECODE_ERRORS
     from .l2runs import RefcountError
     with Image.open(path) as img:
+        nodes.check_fd_identity(path, os.fstat(img.fd), expected)
         guard_image(img, path)
         device = is_block_device(path)
         try:
@@ -337,20 +339,23 @@ def observe(path, with_check=False, size=None):
     """
     from . import inspector
     from . import lock
-    if not os.path.lexists(path):
+    # Looked at with lstat before anything opens it: a FIFO, socket, character device,
+    # directory or symbolic link is refused with its name, never opened.
+    st = nodes.check_node(path)
+    if st is None:
         return None
-    try:
-        st = os.stat(path)
-    except OSError as exc:
-        raise Qcow2Error("%s: cannot inspect: %s" % (path, exc.strerror), path=path)
-    if stat.S_ISDIR(st.st_mode):
-        raise Qcow2Error("%s: is a directory" % path, path=path)
+    seen = {"identity": nodes.identity(st), "node": nodes.describe(st.st_mode)}
     try:
         image = inspector.Image.open(path)
     except Qcow2Error as exc:
-        return {"qcow2": False, "reason": str(exc), "format": "unknown",
-                "in_use": _in_use(lock, path)}
+        nodes.check_identity(path, seen["identity"])
+        out = {"qcow2": False, "reason": str(exc), "format": "unknown",
+               "in_use": _in_use(lock, path)}
+        out.update(seen)
+        return out
     try:
+        # What was read is what was looked at (the path was not swapped in between).
+        nodes.check_fd_identity(path, os.fstat(image.fd), seen["identity"])
         info = inspector.info(path, image=image)
         state = inspector.allocation_state(path, image=image)
         try:
@@ -388,6 +393,7 @@ def observe(path, with_check=False, size=None):
             "fall_through_clusters": state.get("fall_through_clusters", 0),
             "leaked_clusters": tail["clusters"] if tail.get("scanned") else None,
         }
+        out.update(seen)
         if size is not None and size < out["virtual_size"]:
             # Only asked when a smaller size is declared: where the guest's data ends.
             # For an overlay the backing chain's data counts too.
@@ -420,21 +426,31 @@ def _in_use(lock, path):
         return False
 
 
-def apply(path, decision, mode=0o644):
+def apply(path, decision, mode=0o644, expected=None):
     """Carry out a reconciler decision's actions in order; returns per-action results.
+
+    `expected` is the identity (st_dev, st_ino) observe() recorded for `path`: every write
+    path compares what it opened or is about to replace or remove with it and refuses a file
+    that changed between the look and the write. None (nothing was there) leaves the create
+    to its no-clobber install.
 
     When an action fails after the file was changed (by it or by an earlier action), the
     Qcow2Error carries modified=True and `done`: the texts of what was completed."""
     results = []
     done = []
+    ident = expected
     for action in decision.actions:
         try:
-            results.append(_apply_one(path, action, mode))
+            with nodes.expect(path, ident):
+                results.append(_apply_one(path, action, mode))
         except Qcow2Error as exc:
             exc.done = done + list(getattr(exc, "done", []))
             exc.modified = bool(done) or bool(getattr(exc, "modified", False))
             raise
         done.append(action.text)
+        if action.kind in ("create", "recreate"):
+            # The path now holds the file just made, which later actions may edit.
+            ident = nodes.identity(nodes.lstat_identity(path))
     return results
 
 
@@ -473,15 +489,22 @@ def _apply_one(path, action, mode):
 def _remove_unheld(path):
     """Remove an image unless a QEMU holds it (checked while we hold its lock)."""
     from .lock import WriteLock
+    # Opened without following a link and without blocking; only a regular file or a block
+    # device is opened, and only the file that was inspected is removed (compared on the
+    # descriptor and again on the name right before the unlink).
+    fd, st = nodes.open_checked(path, os.O_RDONLY, doing="cannot remove it")
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        try:
-            with WriteLock(fd):
-                os.unlink(path)
-        finally:
-            os.close(fd)
+        nodes.check_fd_identity(path, st)
+        if not stat.S_ISREG(st.st_mode):
+            raise Qcow2Error("%s: is %s; an image path is never a reason to remove a device "
+                             "node" % (path, nodes.describe(st.st_mode)), path=path)
+        with WriteLock(fd):
+            nodes.check_identity(path, nodes.identity(st))
+            os.unlink(path)
     except OSError as exc:
         raise Qcow2Error("%s: cannot remove it: %s" % (path, exc.strerror or exc), path=path)
+    finally:
+        os.close(fd)
 
 
 IMAGE_KEYS = ("format", "virtual_size", "cluster_size", "compat", "refcount_bits",

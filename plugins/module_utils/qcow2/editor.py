@@ -72,12 +72,12 @@ def preflight(path, run_check=True):
 def _open_locked(path):
     """Open an image read-write and hold QEMU's writer locks; refuse if a QEMU holds it."""
     from .lock import WriteLock  # imported late: lock.py is Linux-only at call time
+    from .nodes import check_fd_identity, open_checked
+    # Never through a symbolic link, never a FIFO or device node, and only the file that was
+    # inspected (the identity api.apply registered for this path), checked before any write.
+    fd, st = open_checked(path, os.O_RDWR, doing="cannot open the image for writing")
     try:
-        fd = os.open(path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
-    except OSError as exc:
-        raise Qcow2Error("%s: cannot open the image for writing: %s" % (path, exc.strerror),
-                         path=path)
-    try:
+        check_fd_identity(path, st)
         lock = WriteLock(fd)
         lock.__enter__()
     except BaseException:

@@ -95,20 +95,17 @@ class Image(object):
             raise Qcow2Error("corrupt image: %s" % exc, path=path)
 
     @classmethod
-    def open(cls, path):
+    def open(cls, path, follow=False):
+        """Open the image at `path` read-only. The final name is not followed when it is a
+        symbolic link unless `follow` (backing files and sources may be links); anything but a
+        regular file or a block device is refused before it is read, and nothing blocks."""
+        from .nodes import open_checked
+        fd, st = open_checked(path, os.O_RDONLY, follow=follow)
         try:
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        except OSError as exc:
-            raise Qcow2Error("cannot open %s: %s" % (path, exc.strerror or exc), path=path)
-        try:
-            st = os.fstat(fd)
             if stat.S_ISBLK(st.st_mode):
                 size = os.lseek(fd, 0, os.SEEK_END)
-            elif stat.S_ISREG(st.st_mode):
-                size = st.st_size
             else:
-                raise Qcow2Error("not a qcow2 image: %s is neither a regular file nor a block "
-                                 "device" % path, path=path)
+                size = st.st_size
             fileobj = os.fdopen(fd, "rb", buffering=0)
         except OSError as exc:
             os.close(fd)

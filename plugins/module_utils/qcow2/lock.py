@@ -67,10 +67,8 @@ def probe_fd(fd):
 def probe(path):
     """Probe `path` with a fresh read-only descriptor; sets no lock and changes nothing."""
     _require_fcntl()
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    except OSError as exc:
-        raise Qcow2Error("%s: cannot open to probe locks: %s" % (path, exc.strerror), path=path)
+    from .nodes import open_checked
+    fd = open_checked(path, os.O_RDONLY, doing="cannot open to probe locks")[0]
     try:
         return probe_fd(fd)
     except OSError as exc:

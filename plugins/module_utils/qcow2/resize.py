@@ -147,7 +147,10 @@ def _l1_entries(size, cs, entry_size):
 
 
 def _grow_data_file(data_path, old_size, new_size, mode, result):
-    dfd = os.open(data_path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
+    from .nodes import open_checked
+    # The image names its data file; the name may be a link, the node must be a file.
+    dfd = open_checked(data_path, os.O_RDWR, follow=True, what="data_file",
+                       option="data_file")[0]
     try:
         current = os.fstat(dfd).st_size
         if current < new_size:

@@ -20,6 +20,7 @@ until the Source is closed, as while `qemu-img convert` reads it. It never takes
 """
 
 import collections
+import errno
 import os
 import stat
 import zlib
@@ -27,6 +28,7 @@ from bisect import bisect_right
 
 from . import constants as C
 from . import lock
+from . import nodes
 from .check import check as check_image
 from .errors import Qcow2Error
 from .image import DECODE_ERRORS, Image, _has_protocol, path_combine
@@ -75,16 +77,29 @@ def _refuse(message, path=None):
 
 def _stat_file(path, what):
     """os.stat of a file the source needs: a regular file or a block device, nothing else
-    (a FIFO would block the open, a directory has no content)."""
+    (a FIFO would block the open, a directory has no content). A source or backing name may
+    be a symbolic link; the node it leads to is what counts."""
     try:
         st = os.stat(path)
     except OSError as exc:
+        if exc.errno == errno.ENOTDIR:
+            raise _refuse("cannot open %s%s: a component of the path is not a directory"
+                          % (path, what), path=path)
         raise _refuse("cannot open %s%s: %s" % (path, what, exc.strerror or exc), path=path)
-    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
-        raise _refuse("%s%s is %s; a source is a regular file or a block device"
-                      % (path, what, kind), path=path)
+    if not nodes.usable(st.st_mode):
+        raise _refuse("%s%s is %s, not a regular file; a source is a regular file or a block "
+                      "device" % (path, what, nodes.describe(st.st_mode)), path=path)
     return st
+
+
+def _open_file(path, what):
+    """Open a source file read-only without blocking; (fd, fstat) of a regular file or a
+    block device (checked on the descriptor, after the open)."""
+    try:
+        return nodes.open_checked(path, os.O_RDONLY, follow=True)
+    except Qcow2Error as exc:
+        raise _refuse("%s%s: %s" % (path, what, exc.message.replace(path + " ", "", 1)),
+                      path=path)
 
 
 def _hold_reader_locks(fd, path, what):
@@ -121,10 +136,7 @@ class _RawLayer(object):
 
     def __init__(self, path, what=""):
         _stat_file(path, what)
-        try:
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        except OSError as exc:
-            raise _refuse("cannot open %s%s: %s" % (path, what, exc.strerror or exc), path=path)
+        fd = _open_file(path, what)[0]
         self.fd = fd
         self.path = path
         try:
@@ -176,7 +188,7 @@ class _Qcow2Layer(object):
     def __init__(self, path, what=""):
         _stat_file(path, what)
         try:
-            img = Image.open(path)
+            img = Image.open(path, follow=True)
         except Qcow2Error as exc:
             raise _refuse("%s%s: %s" % (path, what, exc.message), path=path)
         self.img = img

@@ -23,6 +23,7 @@ import time
 
 from . import fileops
 from . import leftovers
+from . import nodes
 from .errors import Qcow2Error
 from .planner import metadata_chunks
 
@@ -273,6 +274,8 @@ def create_file(path, plan, replace=False, mode=0o644, data_file_path=None, appl
         raise Qcow2Error("%s: the directory %s does not exist" % (path, directory), path=path)
     if not replace and os.path.lexists(path):
         raise Qcow2Error("%s: a file already exists at this path" % path, path=path)
+    if replace:
+        _check_replaceable(path)
     remove_stale_temp_files(path)
     if opts is not None and opts.data_file and data_file_path:
         remove_stale_temp_files(data_file_path)
@@ -294,8 +297,12 @@ def create_file(path, plan, replace=False, mode=0o644, data_file_path=None, appl
             result = apply_to_fd(fd, plan, nocow=opts.nocow,
                                  extent_size_hint=opts.extent_size_hint, content=content)
         if data_tmp:
+            if replace:
+                _check_replaceable(data_file_path, expect=False)
             _install(data_tmp, data_file_path, replace)
             data_tmp = None
+        if replace:
+            _check_replaceable(path)   # once more, as close to the rename as it gets
         _install(tmp, path, replace)
         tmp = None
         fileops.fsync_dir(path)
@@ -313,6 +320,16 @@ def create_file(path, plan, replace=False, mode=0o644, data_file_path=None, appl
                     os.unlink(leftover)
                 except OSError:
                     pass
+
+
+def _check_replaceable(path, expect=True):
+    """Before a file replaces `path`: only a regular file (or nothing) is ever replaced, and
+    only the file that was inspected (the identity registered with nodes.expect)."""
+    st = nodes.check_node(path)
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        raise nodes.refuse_kind(path, st.st_mode)
+    if expect:
+        nodes.check_identity(path)
 
 
 def _umask():
@@ -364,8 +381,10 @@ def _create_data_file(data_path, plan, replace, mode):
 
 def write_device(device_path, plan):
     """Write a planned image onto a block device (no truncate, every byte explicit)."""
-    fd = os.open(device_path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
+    fd, st = nodes.open_checked(device_path, os.O_RDWR,
+                                doing="cannot open the device for writing")
     try:
+        nodes.check_fd_identity(device_path, st)
         if not fileops.is_block_device(fd):
             raise Qcow2Error("%s: not a block device" % device_path, path=device_path)
         return apply_to_fd(fd, plan, device=True)
