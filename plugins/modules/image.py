@@ -27,7 +27,8 @@ description:
     marked dirty or corrupt, is refused with the C(qemu-img check -r) command that repairs it,
     and the file is left as it was. A run that fails after it changed the file reports
     C(changed=true) and the steps it completed in RV(actions).
-  - Changes that would lose data or change what the guest reads (shrinking, another cluster
+  - Changes that would lose data or change what the guest reads (shrinking over guest data,
+    another cluster
     size, refcount width, extended L2, compression type, data file or backing file, a compat
     downgrade, raising the preallocation of an overlay without extended L2 whose clusters
     still read from the backing file, mapping or growing an image with internal snapshots, or
@@ -67,8 +68,10 @@ options:
       - Required to create an image unless O(backing_file) gives the size.
       - A number is bytes (C(1.5) is refused; write C(1.5G)).
       - A larger size than the image's grows it in place. A smaller one shrinks it in place
-        when no guest data lies past the new end (like C(qemu-img resize --shrink); check
-        mode says which); otherwise it is a conflict.
+        only when the guest reads zeros past the new end through the whole chain (the image's
+        own clusters and, for an overlay, the data of its backing files; a backing file that
+        cannot be read refuses). Otherwise it is a conflict, which only O(force=true) resolves
+        by recreating the image. Check mode says which.
     type: raw
   preallocation:
     description:
@@ -275,7 +278,7 @@ EXAMPLES = r"""
     backing_file: /var/lib/images/base/debian-12.qcow2
     backing_fmt: qcow2
 
-- name: Grow an existing image to 40 GiB (in place; shrinking would fail)
+- name: Grow an existing image to 40 GiB (in place; a smaller size shrinks only over zeros)
   vdisk.qcow2.image:
     path: /var/lib/images/web01.qcow2
     size: 40G

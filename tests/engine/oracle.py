@@ -48,6 +48,20 @@ def option_string(opts):
     return ",".join(parts)
 
 
+def qemu_luks(path, size="1M"):
+    """A LUKS-encrypted qcow2 made by qemu-img (passphrase 'abc'); asserts it was made. The key
+    derivation's calibration sometimes fails on a busy machine ("Unable to get accurate CPU
+    usage"): tried three times."""
+    for _attempt in range(3):
+        proc = run(QEMU_IMG, "create", "-q", "--object", "secret,id=sec0,data=abc",
+                   "-f", "qcow2", "-o",
+                   "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10", path,
+                   size)
+        if proc.returncode == 0:
+            return
+    raise AssertionError(proc.stderr)
+
+
 def qemu_create(path, opts, cwd=None):
     """qemu-img create with the same options; returns the CompletedProcess."""
     cmd = [QEMU_IMG, "create", "-q", "-f", "qcow2"]
