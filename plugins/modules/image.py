@@ -33,7 +33,10 @@ description:
     downgrade, raising the preallocation of an overlay without extended L2 whose clusters
     still read from the backing file, mapping or growing an image with internal snapshots, or
     a file at O(path) that is not a qcow2 image) fail with a message listing each difference,
-    unless O(force=true), which recreates the image from the declaration.
+    unless O(regenerate=on_conflict) (or O(force=true)), which recreates the image from the
+    declaration.
+  - O(regenerate=always) makes the image again on every run, from the declaration and its
+    O(source) if one is given, to re-provision a disk from its template.
   - An image that a running QEMU holds open (QEMU's own lock bytes) is never modified,
     replaced or removed.
   - New images are written to a temporary file in the target directory, made durable and
@@ -49,7 +52,7 @@ options:
       - A FIFO, a socket, a character device, a directory or a path through a regular file is
         refused at once with a message naming what it is; such a node is never opened, replaced
         or removed, also with O(force=true), O(state=absent) or O(backup=true). A block device
-        is written only with O(force=true).
+        is written only when O(force=true) or O(regenerate) recreates the image.
     type: path
     required: true
   state:
@@ -70,8 +73,8 @@ options:
       - A larger size than the image's grows it in place. A smaller one shrinks it in place
         only when the guest reads zeros past the new end through the whole chain (the image's
         own clusters and, for an overlay, the data of its backing files; a backing file that
-        cannot be read refuses). Otherwise it is a conflict, which only O(force=true) resolves
-        by recreating the image. Check mode says which.
+        cannot be read refuses). Otherwise it is a conflict, which only recreating the image
+        resolves (O(regenerate=on_conflict) or O(force=true)). Check mode says which.
     type: raw
   preallocation:
     description:
@@ -153,9 +156,10 @@ options:
       - A file or block device on the managed host whose guest content a new image is made
         from (a golden or cloud image), in O(source_format). Ranges of the source that read
         zeros are not copied.
-      - Used only when the image is created (or recreated with O(force=true)). An existing
-        image is never compared with its source (the guest has written since); check mode
-        predicts exactly what a creation would do.
+      - Used only when the image is created or recreated (O(regenerate), O(force=true)). An
+        existing image is never compared with its source (the guest has written since); to
+        copy the template again over a disk the guest has used, set O(regenerate=always).
+        Check mode predicts exactly what a creation would do.
       - O(size) defaults to the source's virtual size; a smaller size is refused.
       - The source is opened read-only and never locked. An encrypted, corrupt or dirty source,
         one a running QEMU writes to, one with an external data file, and a qcow2 source with
@@ -187,8 +191,8 @@ options:
     default: false
   backup:
     description:
-      - When O(force=true) recreates or replaces the file at O(path), keep the old file
-        under a backup name (C(PATH.PID.YYYY-MM-DD@HH:MM:SS~)) and return it in
+      - When the file at O(path) is recreated or replaced (O(regenerate), O(force=true)), keep
+        the old file under a backup name (C(PATH.PID.YYYY-MM-DD@HH:MM:SS~)) and return it in
         RV(backup_file). The backup is a hard link to the old file, so it costs no copy
         and no space beyond what the old image already used.
     type: bool
@@ -205,8 +209,31 @@ options:
         replace a file at O(path) that is not a qcow2 image. B(This destroys the image's data.)
       - Options left out take their creation defaults when the image is recreated.
       - Never overrides the refusal to touch an image a running QEMU holds.
+      - For O(state=present), O(force=true) is the same as O(regenerate=on_conflict); it
+        cannot be combined with O(regenerate=fail). With O(state=absent) it allows removing a
+        file that is not a qcow2 image.
     type: bool
     default: false
+  regenerate:
+    description:
+      - When an existing file at O(path) is made again from the declaration (and from
+        O(source), when given), destroying its content. Only used with O(state=present); a
+        missing image is always created.
+      - V(fail) never recreates it; a conflict with the declaration fails with the list of
+        differences. This is what happens when neither this option nor O(force) is set.
+      - V(on_conflict) recreates it only when it conflicts with the declaration (or is not a
+        qcow2 image); changes that keep the guest's data are still made in place. Same as
+        O(force=true).
+      - V(always) recreates it on every run, even when it matches the declaration, so the
+        task always reports a change. With O(source) the template is copied again: this is
+        how a disk is re-provisioned from its template. Combine it with O(backup=true) to keep
+        the old disk.
+      - An image a running QEMU holds is never recreated, whatever this option says; the task
+        fails instead. Check mode predicts the recreation, its backup and diff without
+        writing anything.
+      - When not set, O(force) decides (V(on_conflict) with O(force=true), else V(fail)).
+    type: str
+    choices: [fail, on_conflict, always]
 extends_documentation_fragment:
   - ansible.builtin.files
   - ansible.builtin.action_common_attributes
@@ -298,6 +325,16 @@ EXAMPLES = r"""
     size: 40G
     preallocation: metadata
 
+- name: Re-provision a disk from its template, keeping the used disk as a backup
+  vdisk.qcow2.image:
+    path: /var/lib/images/web03.qcow2
+    source: /var/lib/images/templates/debian-12-genericcloud.qcow2
+    source_format: qcow2
+    size: 40G
+    preallocation: metadata
+    regenerate: always
+    backup: true
+
 - name: A disk from our own layered template, its backing chain flattened (trusted only)
   vdisk.qcow2.image:
     path: /var/lib/images/build07.qcow2
@@ -332,7 +369,9 @@ source:
   type: str
   sample: /var/lib/images/templates/debian-12.qcow2
 backup_file:
-  description: The backup of the old file kept by O(backup=true) when it was replaced.
+  description:
+    - The backup of the old file kept by O(backup=true) when it was recreated or replaced
+      (not in check mode, which creates nothing).
   returned: when O(backup=true) and the file was recreated or replaced
   type: str
   sample: /var/lib/images/web01.qcow2.4242.2026-12-02@10:15:42~
@@ -366,8 +405,8 @@ image:
     leaked_clusters: 0
 conflicts:
   description:
-    - Differences that need O(force) (present when the module failed because of them, or
-      when O(force) recreated the image).
+    - Differences that need the image recreated (present when the module failed because of
+      them, or when O(regenerate) or O(force) recreated the image).
   returned: when there are conflicts
   type: list
   elements: str
@@ -383,9 +422,14 @@ method:
 diff:
   description:
     - With C(--diff), the image before and after in C(before) and C(after)
-      (C(state), C(format), C(virtual_size), C(preallocation), C(content) telling whether it
-      holds guest data and when the content is destroyed, the declared header fields, file
-      attributes), and C(before_header)/C(after_header) naming the path.
+      (C(state), C(format), C(virtual_size), C(preallocation), C(content), the header fields,
+      and the file attributes that change), and C(before_header)/C(after_header) naming the
+      path.
+    - C(content) is C(guest data) or C(no guest data) for an existing image, and for an image
+      the run creates C(a new, empty image) or C(a copy of the template) followed by the
+      O(source), with C((the old content is destroyed)) when it replaces a file.
+    - Check mode shows the same diff as the real run; C(after) describes the image the
+      declaration makes, and a file that does not exist yet has no owner or mode before.
   returned: when diff mode is on
   type: dict
 """
@@ -461,6 +505,8 @@ class Runner(object):
 
     def decide(self):
         params = self.params
+        if params["state"] == "present":
+            reconcile.regenerate_policy(params["regenerate"], params["force"])
         declared = _declared(self.module, self.path)
         if params["state"] == "present":
             api.validate_declaration(declared)
@@ -472,14 +518,15 @@ class Runner(object):
         observed = api.observe(self.path, size=size)
         self.identity = observed.get("identity") if observed else None
         decision = reconcile.decide(declared, observed, state=params["state"],
-                                    force=params["force"])
+                                    force=params["force"], regenerate=params["regenerate"])
         self.result["image"] = api.public_view(observed)
         if decision.failure:
             self.fail("%s: %s" % (self.path, decision.failure), conflicts=decision.conflicts)
-        if decision.conflicts and not params["force"]:
+        if decision.conflicts and not decision.actions:
             self.fail("%s: the existing file does not match the declaration and changing it "
-                      "would lose or rewrite data; set force=true to recreate it (destroying "
-                      "its content). Differences: %s" % (self.path, "; ".join(decision.conflicts)),
+                      "would lose or rewrite data; set regenerate=on_conflict (or force=true) "
+                      "to recreate it (destroying its content). Differences: %s"
+                      % (self.path, "; ".join(decision.conflicts)),
                       conflicts=decision.conflicts)
         api.add_leftover_cleanup(self.path, decision)
         try:
@@ -531,26 +578,67 @@ class Runner(object):
                     self.result["actions"].append(
                         "the filesystem refused fallocate: zeros were written instead")
 
+    def predict_attributes(self, decision):
+        """(before, after, changed) of the file attributes, from the file as it is before the
+        run (the same in check mode and in the real run). A file that does not exist yet has
+        no attributes before; after, it has the declared ones."""
+        module = self.module
+        if self.params["state"] != "present":
+            return {}, {}, False
+        if decision.before.get("state") == "absent" or not os.path.exists(self.path):
+            if not decision.actions:
+                return {}, {}, False
+            return {}, self.declared_attributes(), False
+        file_args = module.load_file_common_arguments(self.params, path=self.path)
+        diff = {"before": {}, "after": {}}
+        real_check_mode = module.check_mode
+        module.check_mode = True    # compare only; the real run changes them after apply
+        try:
+            changed = module.set_fs_attributes_if_different(file_args, False, diff=diff)
+        finally:
+            module.check_mode = real_check_mode
+        return diff["before"], diff["after"], changed
+
+    def declared_attributes(self):
+        """The owner, group and mode a new file gets, as set_fs_attributes_if_different shows
+        them in a diff (numeric ids, octal mode)."""
+        import grp
+        import pwd
+        params = self.params
+        out = {}
+        if params.get("owner") is not None:
+            try:
+                out["owner"] = int(params["owner"])
+            except ValueError:
+                out["owner"] = pwd.getpwnam(params["owner"]).pw_uid
+        if params.get("group") is not None:
+            try:
+                out["group"] = int(params["group"])
+            except ValueError:
+                out["group"] = grp.getgrnam(params["group"]).gr_gid
+        if params.get("mode") is not None:
+            out["mode"] = "0%03o" % module_support.creation_mode(self.module)
+        return out
+
     def run(self):
         module = self.module
         self.check_path()
         observed, decision = self.decide()
+        attrs_before, attrs_after, attrs_changed = self.predict_attributes(decision)
         if not module.check_mode and decision.actions:
             self.apply(decision)
         # Observe again only when something was done; otherwise the first look is current.
         after = api.observe(self.path) if decision.actions and not module.check_mode \
             else observed
-        diff = {"before": dict(decision.before), "after": dict(decision.after),
+        # Both diffs come from the decision, so check mode shows what the real run will.
+        diff = {"before": dict(decision.before, **attrs_before),
+                "after": dict(decision.after, **attrs_after),
                 "before_header": self.given, "after_header": self.given}
-        if not module.check_mode:
-            diff["after"] = reconcile.image_view(after)
-            if decision.after.get("content", "").startswith("a new, empty image (the old"):
-                diff["after"]["content"] = decision.after["content"]
-        changed = decision.changed
-        if self.params["state"] == "present" and (after is not None or module.check_mode) and \
+        changed = decision.changed or attrs_changed
+        if self.params["state"] == "present" and not module.check_mode and \
                 os.path.exists(self.path):
             file_args = module.load_file_common_arguments(self.params, path=self.path)
-            changed = module.set_fs_attributes_if_different(file_args, changed, diff=diff)
+            changed = module.set_fs_attributes_if_different(file_args, changed)
         self.result["changed"] = changed
         self.result["image"] = api.public_view(after)
         if module._diff:
@@ -578,6 +666,7 @@ def main():
             data_file_raw=dict(type="bool"),
             nocow=dict(type="bool", default=False),
             force=dict(type="bool", default=False),
+            regenerate=dict(type="str", choices=list(reconcile.REGENERATE)),
             backup=dict(type="bool", default=False),
             follow=dict(type="bool", default=False),
             source=dict(type="path"),

@@ -296,16 +296,22 @@ def preflight(path, decision, expected=None):
     """Raise the Qcow2Error that applying `decision` in place would raise before its first
     write: the editor's guard (dirty, corrupt, damaged) and the planners' guest-view rules.
     Reads only; check mode runs it so its prediction matches the real run. `expected` is the
-    identity observe() recorded: what is at `path` now must still be that file."""
+    identity observe() recorded: what is at `path` now must still be that file. A creation's
+    resolved options complete `decision.after`."""
     from .editor import guard_image
     from .image import Image
     nodes.check_identity(path, expected)
     for action in decision.actions:
         if action.kind in ("create", "recreate"):
-            preflight_create(path, action.args["values"], replace=action.kind == "recreate",
-                             source=action.args.get("source"),
-                             source_format=action.args.get("source_format"),
-                             allow_backing=bool(action.args.get("source_backing_chain")))
+            opts = preflight_create(path, action.args["values"],
+                                    replace=action.kind == "recreate",
+                                    source=action.args.get("source"),
+                                    source_format=action.args.get("source_format"),
+                                    allow_backing=bool(action.args.get("source_backing_chain")))
+            # The size a source or backing file gives, and the defaults, are known only now:
+            # the diff's `after` shows the image the creation will make (check mode too).
+            from .reconcile import created_fields
+            decision.after.update(created_fields(opts))
         elif action.kind == "remove":
             preflight_remove(path)
     kinds = [a for a in decision.actions if a.kind in IN_PLACE]

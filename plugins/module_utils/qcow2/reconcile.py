@@ -4,8 +4,8 @@
 """The reconciler: a declaration and an observed image in, a decision out. No I/O.
 
 `observe()` (I/O, read-only) describes what is at a path; `decide()` compares it with the
-declaration and returns the actions to take, the conflicts that need `force`, and the
-before/after views for diff mode. Options left out of the declaration are not compared
+declaration and returns the actions to take, the conflicts that need `force` (or
+`regenerate`), and the before/after views for diff mode. Options left out of the declaration are not compared
 (they only matter when an image is created).
 """
 
@@ -16,6 +16,25 @@ from .options import CreateOptions, parse_bool, parse_compat, parse_size, compat
 # Image properties the declaration may pin, in the order reports list them.
 COMPARED = ("cluster_size", "compat", "refcount_bits", "lazy_refcounts", "extended_l2",
             "compression_type", "backing_file", "backing_fmt", "data_file", "data_file_raw")
+
+# When an existing image is made again from its declaration (and its source, if any):
+# `fail` never (a conflict fails), `on_conflict` only when it conflicts with the declaration
+# (what force=true does), `always` on every run.
+REGENERATE = ("fail", "on_conflict", "always")
+
+
+def regenerate_policy(regenerate=None, force=False):
+    """The effective policy: an explicit `regenerate`, else the one `force` implies."""
+    if regenerate is None:
+        return "on_conflict" if force else "fail"
+    if regenerate not in REGENERATE:
+        raise Qcow2Error("regenerate: %r is not one of %s" % (regenerate, ", ".join(REGENERATE)),
+                         option="regenerate")
+    if force and regenerate == "fail":
+        raise Qcow2Error("regenerate=fail and force=true contradict each other (force=true "
+                         "recreates a conflicting image, regenerate=fail refuses to); drop one",
+                         option="regenerate")
+    return regenerate
 
 
 class Action(object):
@@ -112,8 +131,11 @@ def image_view(image):
     return view
 
 
-def decide(declared, image, state="present", force=False):
+def decide(declared, image, state="present", force=False, regenerate=None):
     """Compare a declaration with an observed image.
+
+    `regenerate` (see REGENERATE; None: what `force` implies) says when an existing image is
+    recreated. With `always` every run recreates it (re-copying its source, if any).
 
     `image` is None when nothing exists at the path, else a dict from observe() with at least
     `qcow2` (bool) and, for qcow2 images, the COMPARED keys, `virtual_size`,
@@ -144,30 +166,37 @@ def decide(declared, image, state="present", force=False):
         d.actions.append(Action("create", "create the image (%s)%s"
                                 % (_summary(want), _source_text(copy)),
                                 values=creation_values(declared), **copy))
-        d.after = _after_create(want)
+        d.after = _after_create(want, copy)
         return d
 
+    policy = regenerate_policy(regenerate, force)
     if not image.get("qcow2"):
         d.conflicts.append("the file at path is not a qcow2 image (%s)" % _reason(image))
     else:
         _compare(d, want, image)
-    if d.conflicts:
+    if d.conflicts or policy == "always":
         if image.get("in_use"):
-            d.failure = "the image is in use by a running QEMU and the declaration needs it " \
-                        "recreated: " + "; ".join(d.conflicts)
+            d.failure = ("the image is in use by a running QEMU and the declaration needs it "
+                         "recreated: " + "; ".join(d.conflicts)) if d.conflicts else \
+                "the image is in use by a running QEMU; it is not recreated (regenerate=always)"
             d.actions = []
             return d
-        if not force:
+        if policy == "fail":
             d.after = d.before
             d.actions = []
             return d
         what = "replace the file with a new image" if not image.get("qcow2") else \
             "recreate the image from the declaration"
-        d.actions = [Action("recreate", "%s%s, destroying its content (force), because: %s"
-                            % (what, _source_text(copy), "; ".join(d.conflicts)),
+        if policy == "always":
+            why = " (regenerate=always)%s" % (
+                ", and it conflicts: " + "; ".join(d.conflicts) if d.conflicts else "")
+        else:
+            why = " (%s), because: %s" % ("force" if regenerate is None else
+                                          "regenerate=on_conflict", "; ".join(d.conflicts))
+        d.actions = [Action("recreate", "%s%s, destroying its content%s"
+                            % (what, _source_text(copy), why),
                             values=creation_values(declared), **copy)]
-        d.after = _after_create(want)
-        d.after["content"] = "a new, empty image (the old content is destroyed)"
+        d.after = _after_create(want, copy, replacing=True)
         return d
     leaked = image.get("leaked_clusters") if image.get("qcow2") else None
     if leaked and not image.get("in_use") and not image.get("dirty"):
@@ -211,21 +240,41 @@ def _summary(want):
     return ", ".join(parts)
 
 
-def _after_create(want):
+def content_text(copy, replacing=False):
+    """What a new image holds, as the diff says it."""
+    text = "a copy of the template %s" % copy["source"] if copy else "a new, empty image"
+    return text + (" (the old content is destroyed)" if replacing else "")
+
+
+def _after_create(want, copy=None, replacing=False):
+    """The view of the image a creation makes. Without a declared size (taken from the backing
+    file or the source) the size and defaults are filled in by created_fields() once the
+    options are resolved (api.preflight, in check mode too)."""
     opts = CreateOptions.from_dict(dict((k, v) for k, v in want.items()
                                         if k in CreateOptions.KEYS and k != "nocow"),
                                    size_from_backing=0) if want.get("size") is not None \
         else None
     view = {"state": "present", "format": "qcow2", "virtual_size": want.get("size"),
-            "preallocation": want["preallocation"], "content": "a new, empty image"}
+            "preallocation": want["preallocation"],
+            "content": content_text(copy, replacing)}
     for key in COMPARED:
         value = getattr(opts, key) if opts is not None and hasattr(opts, key) \
             else want.get(key)
         if value is not None:
             view[key] = value
     if opts is not None:
-        view["compat"] = opts.compat
-        view["preallocation"] = opts.effective_preallocation
+        view.update(created_fields(opts))
+    return view
+
+
+def created_fields(opts):
+    """The diff fields of an image created with CreateOptions `opts`."""
+    view = {"virtual_size": opts.size, "compat": opts.compat,
+            "preallocation": opts.effective_preallocation}
+    for key in COMPARED:
+        value = getattr(opts, key, None)
+        if value is not None:
+            view[key] = value
     return view
 
 
