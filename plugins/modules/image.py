@@ -225,7 +225,7 @@ options:
         qcow2 image); changes that keep the guest's data are still made in place. Same as
         O(force=true).
       - V(always) recreates it on every run, even when it matches the declaration, so the
-        task always reports a change. With O(source) the template is copied again: this is
+        task always reports a change. With O(source) the template is copied again; this is
         how a disk is re-provisioned from its template. Combine it with O(backup=true) to keep
         the old disk.
       - An image a running QEMU holds is never recreated, whatever this option says; the task
