@@ -443,19 +443,17 @@ def _declared(module, path):
     return declared
 
 
-def _copy_text(decision):
-    """What a copy from a source does with the data and the zeros (an action line, predicted
-    in check mode); None when nothing is copied."""
-    for action in decision.actions:
-        if action.kind in ("create", "recreate") and action.args.get("source"):
-            mode = action.args["values"].get("preallocation") or "off"
-            return {"off": "copy only the source's data clusters (zero ranges stay "
-                           "unallocated)",
-                    "metadata": "copy the source's data into mapped clusters (zero ranges "
-                                "stay holes)",
-                    "falloc": "reserve the data clusters with fallocate, then copy the "
-                              "source's data",
-                    "full": "copy the source's data and write zeros everywhere else"}.get(mode)
+def _copy_text(action):
+    """What a copy from a source does with the data and the zeros (added to the action's
+    text, so check mode predicts it); None when the action copies nothing."""
+    if action.kind in ("create", "recreate") and action.args.get("source"):
+        mode = action.args["values"].get("preallocation") or "off"
+        return {"off": "copy only the source's data clusters (zero ranges stay unallocated)",
+                "metadata": "copy the source's data into mapped clusters (zero ranges stay "
+                            "holes)",
+                "falloc": "reserve the data clusters with fallocate, then copy the source's "
+                          "data",
+                "full": "copy the source's data and write zeros everywhere else"}.get(mode)
     return None
 
 
@@ -574,9 +572,10 @@ class Runner(object):
         except Qcow2Error as exc:
             self.fail(str(exc), option=exc.option, wanted=decision.texts())
         self.result["actions"] = decision.texts()
-        copy_text = _copy_text(decision)
-        if copy_text:
-            self.result["actions"].append(copy_text)
+        for index, action in enumerate(decision.actions):
+            copy_text = _copy_text(action)
+            if copy_text:
+                self.result["actions"][index] += ": " + copy_text
         self.warn_surprises(decision)
         if decision.conflicts:
             self.result["conflicts"] = decision.conflicts
