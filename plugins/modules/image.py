@@ -38,7 +38,9 @@ description:
   - O(regenerate=always) makes the image again on every run, from the declaration and its
     O(source) if one is given, to re-provision a disk from its template.
   - An image that a running QEMU holds open (QEMU's own lock bytes) is never modified,
-    replaced or removed.
+    replaced or removed. Its file attributes (owner, group, mode, SELinux context) are still
+    changed when they differ from the declaration, with a warning (that touches only the
+    file's metadata, never its content).
   - New images are written to a temporary file in the target directory, made durable and
     renamed into place, so a failure leaves either no image or the complete one.
   - Everything runs in pure Python on the managed node; qemu-img is not needed there.
@@ -191,16 +193,22 @@ options:
     default: false
   backup:
     description:
-      - When the file at O(path) is recreated or replaced (O(regenerate), O(force=true)), keep
-        the old file under a backup name (C(PATH.PID.YYYY-MM-DD@HH:MM:SS~)) and return it in
-        RV(backup_file). The backup is a hard link to the old file, so it costs no copy
-        and no space beyond what the old image already used.
+      - When the file at O(path) is recreated or replaced (O(regenerate), O(force=true)), or
+        O(state=absent) removes it, keep the old file under a backup name
+        (C(PATH.PID.YYYY-MM-DD@HH:MM:SS~)) and return it in RV(backup_file). The backup is a
+        hard link to the old file, so it costs no copy and no space beyond what the old image
+        already used (with O(state=absent) that space is therefore not freed).
     type: bool
     default: false
   follow:
     description:
       - When O(path) is a symbolic link, manage the image it points to. By default a link at
         O(path) is refused (it would otherwise lead the change elsewhere, or be replaced).
+      - The file attributes returned (C(owner), C(group), C(mode), C(state), C(size)) are
+        the managed image's, not the link's.
+      - With O(state=absent), the image the link points to is removed and the link is left
+        in place, dangling; RV(actions) says so (remove the link with
+        M(ansible.builtin.file) if it should go too).
     type: bool
     default: false
   force:
@@ -261,6 +269,9 @@ notes:
     one that was inspected; a path swapped in between is refused, not written through.
   - O(source) and O(backing_file) may be symbolic links, but what they lead to must be a
     regular file or a block device; anything else is refused before it is opened.
+  - A warning is given, in check mode too, when O(source_format=raw) names a file that
+    starts with a qcow2 header, or O(backing_fmt=raw) a backing file that does (the qcow2
+    file itself would become the guest's disk).
   - Growing, raising preallocation and header changes hold QEMU's write locks while they run,
     so a QEMU started meanwhile is refused; a crash part-way leaves a consistent image with
     the guest's old or new view (at worst with leaked clusters at the end of the file, which
@@ -370,9 +381,9 @@ source:
   sample: /var/lib/images/templates/debian-12.qcow2
 backup_file:
   description:
-    - The backup of the old file kept by O(backup=true) when it was recreated or replaced
-      (not in check mode, which creates nothing).
-  returned: when O(backup=true) and the file was recreated or replaced
+    - The backup of the old file kept by O(backup=true) when it was recreated, replaced or
+      removed (not in check mode, which creates nothing).
+  returned: when O(backup=true) and the file was recreated, replaced or removed
   type: str
   sample: /var/lib/images/web01.qcow2.4242.2026-12-02@10:15:42~
 image:
@@ -414,10 +425,21 @@ conflicts:
     - "cluster_size is 65536, declared 2097152"
 method:
   description:
-    - How the data clusters were allocated when an image was created or grown
-      (C(fallocate), C(zero-writes), C(sparse)).
-  returned: when an image was created
+    - How the data clusters were allocated when an image was created or grown, one word
+      (what happened in detail is in RV(actions)).
+    - V(sparse) nothing was allocated for the data (no host clusters, or holes).
+    - V(fallocate) the data clusters were reserved with one C(fallocate) call.
+    - V(zero-writes) zeros were written over the data clusters (V(full), or V(falloc) where
+      the filesystem refused C(fallocate), which RV(actions) then says).
+    - V(copy) the data of O(source) was copied, its zero ranges left unallocated or as holes
+      (V(off), V(metadata)).
+    - V(copy-fallocate) the data clusters were reserved with C(fallocate), then the data of
+      O(source) copied (V(falloc)).
+    - V(copy-zero-writes) the data of O(source) was copied and zeros written elsewhere
+      (V(full), or V(falloc) where the filesystem refused C(fallocate)).
+  returned: when an image was created or grown
   type: str
+  choices: [sparse, fallocate, zero-writes, copy, copy-fallocate, copy-zero-writes]
   sample: fallocate
 diff:
   description:
@@ -465,6 +487,20 @@ def _declared(module, path):
     return declared
 
 
+def _copy_text(action):
+    """What a copy from a source does with the data and the zeros (added to the action's
+    text, so check mode predicts it); None when the action copies nothing."""
+    if action.kind in ("create", "recreate") and action.args.get("source"):
+        mode = action.args["values"].get("preallocation") or "off"
+        return {"off": "copy only the source's data clusters (zero ranges stay unallocated)",
+                "metadata": "copy the source's data into mapped clusters (zero ranges stay "
+                            "holes)",
+                "falloc": "reserve the data clusters with fallocate, then copy the source's "
+                          "data",
+                "full": "copy the source's data and write zeros everywhere else"}.get(mode)
+    return None
+
+
 class Runner(object):
     """One run of the module: checks, observation, decision, preflight, apply, report."""
 
@@ -496,12 +532,61 @@ class Runner(object):
                 self.fail("%s is a symbolic link; set follow=true to manage the image it points "
                           "to, or give the real path" % path)
             self.path = os.path.realpath(path)
+            self._report_target_attributes()
         if self.params["source"] and not os.path.isabs(self.params["source"]):
             self.fail("source: %r is relative; give the template's absolute path"
                       % self.params["source"], option="source")
         if self.params["data_file"] and not os.path.isabs(self.params["data_file"]):
             self.fail("data_file must be an absolute path (QEMU resolves relative data file "
                       "names against its own working directory)")
+
+    def _report_target_attributes(self):
+        """With follow, the returned file attributes (owner, group, mode, state, size) are
+        the managed image's, not the link's: AnsibleModule adds them from the returned path,
+        which stays the path as given."""
+        module = self.module
+        original = module.add_path_info
+
+        def target_info(kwargs):
+            info = original(dict(kwargs, path=self.path))
+            info["path"] = kwargs["path"]
+            kwargs.update(info)
+            return kwargs
+        module.add_path_info = target_info
+
+    def warn_surprises(self, decision):
+        """Warnings for what a declaration does that its author probably did not mean; the
+        same in check mode as in a real run."""
+        params = self.params
+        warn = self.module.warn
+        creates = [a for a in decision.actions if a.kind in ("create", "recreate")]
+        if creates and params["source"] and params["source_format"] == "raw" and \
+                api.starts_with_qcow2_header(params["source"]):
+            warn("source: %s starts with a qcow2 header, but source_format is raw: the qcow2 "
+                 "file itself (header, tables and all) becomes the guest's disk. Set "
+                 "source_format: qcow2 to copy the guest content it holds."
+                 % params["source"])
+        if creates and params["backing_file"] and params["backing_fmt"] == "raw" and \
+                api.starts_with_qcow2_header(api.resolve_relative(self.path,
+                                                                  params["backing_file"])):
+            warn("backing_fmt: raw, but the backing file %s starts with a qcow2 header: the "
+                 "guest will read the qcow2 file itself as its disk (and a size left out is "
+                 "the file's length). Set backing_fmt: qcow2 to use the guest content it holds."
+                 % params["backing_file"])
+        if params["state"] == "absent" and self.path != self.given and \
+                any(a.kind == "remove" for a in decision.actions):
+            self.result["actions"].append(
+                "leave the symbolic link %s dangling (follow=true removes the image it points "
+                "to, %s, not the link)" % (self.given, self.path))
+
+    def warn_attributes_in_use(self, observed, attributes_changed):
+        """File attributes are changed also while QEMU holds the image: say so."""
+        if attributes_changed and observed and observed.get("in_use"):
+            self.module.warn(
+                "%s is in use by a running QEMU; the change of its file attributes is applied "
+                "all the same, since only the file's metadata (owner, group, mode, SELinux "
+                "context) changes, never the image's content (a new owner or mode can still "
+                "stop QEMU from opening the file again)" % self.path)
 
     def decide(self):
         params = self.params
@@ -534,14 +619,19 @@ class Runner(object):
         except Qcow2Error as exc:
             self.fail(str(exc), option=exc.option, wanted=decision.texts())
         self.result["actions"] = decision.texts()
+        for index, action in enumerate(decision.actions):
+            copy_text = _copy_text(action)
+            if copy_text:
+                self.result["actions"][index] += ": " + copy_text
+        self.warn_surprises(decision)
         if decision.conflicts:
             self.result["conflicts"] = decision.conflicts
         return observed, decision
 
     def backup(self, decision):
-        """Keep the old file before a forced recreate (a hard link: no copy)."""
+        """Keep the old file before a forced recreate or a removal (a hard link: no copy)."""
         if not self.params["backup"] or not os.path.lexists(self.path) or \
-                not any(a.kind == "recreate" for a in decision.actions):
+                not any(a.kind in ("recreate", "remove") for a in decision.actions):
             return None
         if api.is_block_device(self.path):
             self.fail("backup: a block device cannot be backed up by a link; copy it first")
@@ -573,8 +663,7 @@ class Runner(object):
         for outcome in outcomes:
             if isinstance(outcome, dict) and outcome.get("method"):
                 self.result["method"] = outcome["method"]
-                if outcome["method"].startswith("zero-writes") and \
-                        self.params["preallocation"] == "falloc":
+                if outcome.get("fallocate_refused"):
                     self.result["actions"].append(
                         "the filesystem refused fallocate: zeros were written instead")
 
@@ -639,6 +728,7 @@ class Runner(object):
                 os.path.exists(self.path):
             file_args = module.load_file_common_arguments(self.params, path=self.path)
             changed = module.set_fs_attributes_if_different(file_args, changed)
+        self.warn_attributes_in_use(observed, attrs_changed and not decision.changed)
         self.result["changed"] = changed
         self.result["image"] = api.public_view(after)
         if module._diff:

@@ -87,7 +87,8 @@ EXAMPLES = r"""
     path: /var/lib/images/web01.qcow2
     check: true
   register: checked
-  failed_when: checked.image.check.corruptions > 0
+  # image.check is there only for a qcow2 image: a raw file or a missing path has none.
+  failed_when: (checked.image.check.corruptions | default(0)) > 0
 
 - name: Vet a downloaded template before using it
   vdisk.qcow2.image_info:
@@ -220,7 +221,8 @@ image:
         - How the preallocation level was judged from the host file, one of
           C(fiemap) (extents, including unwritten ones), C(seek) (C(SEEK_DATA)/C(SEEK_HOLE)),
           C(st_blocks) (the block count only), C(l2 tables (no host data clusters to inspect))
-          (no cluster is mapped), C(l2 tables only (the external data file is not inspected)),
+          (no guest cluster has a host cluster of its own; none is mapped, or every mapped
+          one is compressed), C(l2 tables only (the external data file is not inspected)),
           or C(block device (every block allocated)).
       type: str
       sample: fiemap
@@ -288,9 +290,9 @@ def main():
     islink = os.path.islink(given)
     if islink:
         if not module.params["follow"]:
-            module.exit_json(changed=False, exists=True, islink=True, path=given, image={},
-                             warnings=["%s is a symbolic link; set follow=true to inspect the "
-                                       "image it points to" % given])
+            module.warn("%s is a symbolic link; set follow=true to inspect the image it points "
+                        "to" % given)
+            module.exit_json(changed=False, exists=True, islink=True, path=given, image={})
         path = os.path.realpath(given)
     try:
         max_size = parse_size(module.params["max_size"], "max_size")

@@ -483,3 +483,50 @@ def test_a_dirty_source_is_refused_before_anything_is_written(sources, tmp_path)
     assert err.option == "source", err
     assert "dirty" in str(err), err
     assert os.listdir(str(out)) == []
+
+
+METHOD_WORDS = {"off": "copy", "metadata": "copy", "falloc": "copy-fallocate",
+                "full": "copy-zero-writes"}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_copy_method_is_a_documented_word(tmp_path, mode):
+    """`method` is one word of writer.METHODS (a playbook may branch on it); the prose of
+    what ran is in `method_detail`."""
+    from qcow2 import writer
+    src = tmp_path / "src.raw"
+    with open(str(src), "wb") as handle:
+        handle.truncate(4 * MiB)
+        handle.seek(MiB)
+        handle.write(b"\x5a" * 65536)
+    out = api.create_from(str(tmp_path / "new.qcow2"), {"preallocation": mode}, str(src), "raw")
+    assert out["method"] == METHOD_WORDS[mode], out
+    assert out["method"] in writer.METHODS
+    assert out["method_detail"] and out["method_detail"] != out["method"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_create_and_grow_methods_are_documented_words(tmp_path, mode):
+    from qcow2 import writer
+    path = str(tmp_path / "new.qcow2")
+    out = api.create(path, {"size": 4 * MiB, "preallocation": mode})
+    assert out["method"] == {"off": "sparse", "metadata": "sparse", "falloc": "fallocate",
+                             "full": "zero-writes"}[mode], out
+    grown = api.grow(path, 8 * MiB, mode)
+    assert grown["method"] in writer.METHODS, grown
+
+
+def test_fallocate_refused_is_zero_writes_and_said(tmp_path, monkeypatch):
+    import errno as _errno
+    from qcow2 import fileops
+
+    def refuse(*_args):
+        raise OSError(_errno.EOPNOTSUPP, "not supported")
+    monkeypatch.setattr(fileops, "fallocate", refuse)
+    out = api.create(str(tmp_path / "a.qcow2"), {"size": 4 * MiB, "preallocation": "falloc"})
+    assert out["method"] == "zero-writes" and out["fallocate_refused"] is True, out
+    src = tmp_path / "src.raw"
+    src.write_bytes(b"\x01" * MiB)
+    out = api.create_from(str(tmp_path / "b.qcow2"), {"preallocation": "falloc"}, str(src),
+                          "raw")
+    assert out["method"] == "copy-zero-writes" and out["fallocate_refused"] is True, out

@@ -9,6 +9,7 @@ refusal is a Qcow2Error.
 
 import os
 import stat
+import struct
 
 from . import constants as C
 from .errors import Qcow2Error
@@ -53,6 +54,7 @@ def validate_declaration(declared):
 def backing_size(image_path, backing_file, backing_fmt):
     """The virtual size of a backing file, read only when the user left size out."""
     path = resolve_relative(image_path, backing_file)
+    _check_backing(image_path, backing_file)
     # A backing name may be a symbolic link; the node it leads to must be a file or a device.
     fd, st = nodes.open_checked(path, os.O_RDONLY, follow=True, what="backing_file",
                                 option="backing_file")
@@ -104,6 +106,21 @@ def _check_backing(path, backing_file):
     backing = resolve_relative(path, backing_file)
     if nodes.check_node(backing, "backing_file", follow=True, option="backing_file") is None:
         raise Qcow2Error("backing_file: %s does not exist" % backing, option="backing_file")
+
+
+def starts_with_qcow2_header(path):
+    """Whether the regular file or block device `path` (a link is followed) begins with the
+    qcow2 magic; False for anything that cannot be read (the real checks say why later)."""
+    try:
+        fd, _st = nodes.open_checked(path, os.O_RDONLY, follow=True)
+    except (Qcow2Error, OSError):
+        return False
+    try:
+        return os.pread(fd, 4, 0) == struct.pack(">I", C.MAGIC)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def open_source(source, source_format, allow_backing=False):

@@ -95,7 +95,8 @@ def create_from_source(path, opts, source, replace=False, mode=0o644):
         def apply(fd):
             result = writer.WriteResult()
             _write_sparse(fd, opts, source, stats)
-            result.method = "copy of the data clusters (sparse)"
+            result.method = "copy"
+            result.detail = "copy of the data clusters (zero ranges left unallocated)"
             result.bytes_written = stats["copied_bytes"]
             return result
         result = writer.create_file(path, None, replace=replace, mode=mode, apply=apply)
@@ -197,10 +198,7 @@ def _copy_into_plan(fd, plan, source, stats, result):
         writer.start_writeback(fd, base + off, length)
     if full and source.size < plan.data_length:
         writer.write_zeros(fd, base + source.size, plan.data_length - source.size, result)
-    result.method = {"metadata": "copy of the data into mapped clusters (zero ranges left as "
-                                 "holes)",
-                     "falloc": "fallocate, then copy of the data",
-                     "full": "copy of the data, zeros written elsewhere"}[plan.mode]
+    _copy_method(plan, result)
     stats["zero_bytes_skipped"] = max(0, plan.options.size - stats["copied_bytes"])
 
 
@@ -238,8 +236,23 @@ def _copy_raw_in_kernel(fd, plan, source, stats, result):
     if plan.mode == "full" and source.size < plan.data_length:
         writer.write_zeros(fd, base + source.size, plan.data_length - source.size, result)
     stats["zero_bytes_skipped"] = max(0, plan.options.size - stats["copied_bytes"])
-    result.method = "copy_file_range of the data, zeros written elsewhere"
+    _copy_method(plan, result, "copy_file_range of the data")
     return True
+
+
+def _copy_method(plan, result, how="copy of the data"):
+    """Set the result's method word and its prose (`detail`) after a copy into a plan."""
+    if plan.mode == "metadata":
+        result.method = "copy"
+        result.detail = how + " into mapped clusters (zero ranges left as holes)"
+    elif plan.mode == "falloc" and not result.fallocate_refused:
+        result.method = "copy-fallocate"
+        result.detail = "fallocate, then " + how
+    else:
+        result.method = "copy-zero-writes"
+        result.detail = how + ", zeros written elsewhere"
+        if result.fallocate_refused:
+            result.detail += " (fallocate not supported by the filesystem)"
 
 
 def _write_sparse(fd, opts, source, stats):

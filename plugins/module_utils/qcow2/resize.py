@@ -263,7 +263,7 @@ def _apply_map(ed, plan, mode, l1_needed):
                 next_data[0] += hi - lo
         return _run_bytes(change, hi - lo, desc, bitmap, host, esz, cs)
 
-    result = {"method": "none", "mapped_clusters": plan.to_map,
+    result = {"method": "sparse", "mapped_clusters": plan.to_map,
               "new_l2_tables": len(new_tables)}
     if end * cs > ed.file_size and not ed.device:
         ed.truncate(end * cs)
@@ -272,10 +272,10 @@ def _apply_map(ed, plan, mode, l1_needed):
         wr = WriteResult()
         if view.zero_data:
             allocate(ed.fd, data_at * cs, data_clusters * cs, "full", wr, device=True)
-            result["method"] = wr.method
         elif mode in ("falloc", "full") and not ed.device:
             allocate(ed.fd, data_at * cs, data_clusters * cs, mode, wr)
-            result["method"] = wr.method
+        result.update(method=wr.method, method_detail=wr.detail,
+                      fallocate_refused=wr.fallocate_refused)
         ed.modified = True
     l2_offsets = {}
     for k, l1_index in enumerate(new_tables):

@@ -31,16 +31,29 @@ WRITE_BUFFER = 8 * 1024 * 1024
 ZERO_BUFFER = 16 * 1024 * 1024
 
 
+# The words a result's `method` takes (what a playbook may branch on; prose goes in `detail`):
+#   sparse            nothing allocated for the data clusters (holes or no host clusters)
+#   fallocate         the data clusters reserved with fallocate(2)
+#   zero-writes       zeros written over the data clusters (full, or fallocate refused)
+#   copy              a source's data copied, its zero ranges left unallocated or as holes
+#   copy-fallocate    the data clusters reserved with fallocate(2), then the data copied
+#   copy-zero-writes  the data copied and zeros written elsewhere (full, or fallocate refused)
+METHODS = ("sparse", "fallocate", "zero-writes", "copy", "copy-fallocate", "copy-zero-writes")
+
+
 class WriteResult(object):
     def __init__(self):
         self.method = "sparse"
+        self.detail = "no data cluster allocated"
+        self.fallocate_refused = False
         self.nocow = False
         self.extent_size_hint = False
         self.bytes_written = 0
         self.seconds = 0.0
 
     def as_dict(self):
-        return {"method": self.method, "nocow": self.nocow,
+        return {"method": self.method, "method_detail": self.detail,
+                "fallocate_refused": self.fallocate_refused, "nocow": self.nocow,
                 "extent_size_hint": self.extent_size_hint,
                 "bytes_written": self.bytes_written, "seconds": round(self.seconds, 6)}
 
@@ -161,14 +174,18 @@ def allocate(fd, offset, length, mode, result, device=False):
         try:
             fileops.fallocate(fd, offset, length)
             result.method = "fallocate"
+            result.detail = "data clusters reserved with one fallocate call"
             return
         except OSError as exc:
             if not fileops.is_not_supported(exc):
                 raise
-        result.method = "zero-writes (fallocate not supported by the filesystem)"
+        result.method = "zero-writes"
+        result.detail = "zeros written (fallocate not supported by the filesystem)"
+        result.fallocate_refused = True
         write_zeros(fd, offset, length, result)
         return
     result.method = "zero-writes"
+    result.detail = "zeros written over the data clusters"
     write_zeros(fd, offset, length, result)
 
 
@@ -204,6 +221,8 @@ def apply_to_fd(fd, plan, device=False, nocow=False, extent_size_hint=0, content
         os.ftruncate(fd, plan.file_size)
     if plan.mode in ("off", "metadata") and content is None:
         result.method = "sparse"
+        result.detail = "data clusters left as holes" if plan.mode == "metadata" \
+            else "no data cluster allocated"
     if plan.mode == "full":
         os.fdatasync(fd)
     os.fsync(fd)
