@@ -26,12 +26,16 @@ rm -rf "$LOG_DIR" && mkdir -p "$LOG_DIR"
 : > "$LOG_DIR/results"
 LANES=()
 cleanup() {
-    local pid
+    local pid dev file
+    # Each lane is its own process group (set -m below): stop every process of a lane.
     for pid in "${LANES[@]}"; do
-        pkill -TERM -P "$pid" 2>/dev/null
-        kill -TERM "$pid" 2>/dev/null
+        kill -TERM -- "-$pid" 2>/dev/null
     done
     wait 2>/dev/null
+    # Loop devices a killed test left attached to its files.
+    while read -r dev file; do
+        case $file in "$RUN_DIR"/*) losetup -d "$dev" 2>/dev/null ;; esac
+    done < <(losetup -n -l -O NAME,BACK-FILE 2>/dev/null)
     if [ "${VDISK_KEEP_TEST_FILES:-0}" = 1 ]; then
         echo "temporary files kept in $RUN_DIR (VDISK_KEEP_TEST_FILES=1)"
     else
@@ -137,12 +141,16 @@ if step "setup: scripts/setup-ansible.sh" bash scripts/setup-ansible.sh; then
     ANSIBLE_READY=1
 fi
 
+# Job control: each lane runs in its own process group, which the exit trap can stop whole
+# (a lane's processes ignore Ctrl-C otherwise, as background jobs of a script do).
+set -m
 lane_pytest "$@" &
 LANES+=($!)
 lane_ansible &
 LANES+=($!)
 wait "${LANES[@]}"
 LANES=()
+set +m
 
 printf '\n==== step times ====\n'
 awk -F'\t' '{ printf "%5ds  %s%s\n", $2, $3, ($1 == 0 ? "" : "  (FAILED, exit " $1 ")") }' \

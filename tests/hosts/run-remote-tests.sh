@@ -23,6 +23,8 @@ on_exit() {
     fi
 }
 trap on_exit EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
 
 bash tests/hosts/setup.sh || { echo "remote test setup failed"; exit 1; }
 mkdir -p .scratch/collections/ansible_collections/vdisk
