@@ -94,7 +94,7 @@ def _make(tmp_path, kind="plain", opts=""):
                          "encrypt.iter-time=50"]
     elif opts:
         cmd += ["-o", opts]
-    for _attempt in range(3):
+    for _attempt in range(oracle.LUKS_ATTEMPTS):  # LUKS calibration: see oracle.qemu_luks
         proc = oracle.run(*(cmd + [path, "16M"]))
         if not proc.returncode:
             break

@@ -4,6 +4,9 @@
 #   tests/hosts/nshosts.sh up N     start hosts h1..hN (idempotent), write the inventory
 #   tests/hosts/nshosts.sh down     stop everything this harness started, whatever state it is in
 #   tests/hosts/nshosts.sh status   list hosts, sshd processes and addresses
+#   tests/hosts/nshosts.sh clean    down, then remove what `up` leaves on this machine: the user
+#                                   $VDQ_USER and its sudo rule, the /run/netns mount when no
+#                                   namespace is left, /var/lib/images when empty
 #
 # Each host has its own network namespace and address (no default route, no forwarding: the
 # only reachable addresses are the bridge's), its own hostname and /etc/hosts, its own
@@ -224,6 +227,26 @@ cmd_down() {
     log "down: $(hosts_up | wc -l) namespace(s) left"
 }
 
+cmd_clean() {
+    cmd_down
+    # The user is the harness's when its sudo rule is: a user of the same name without the
+    # rule is left alone.
+    if [ -f "/etc/sudoers.d/90-$PFX-$USER_NAME" ]; then
+        rm -f "/etc/sudoers.d/90-$PFX-$USER_NAME"
+        if id "$USER_NAME" >/dev/null 2>&1; then
+            userdel --remove "$USER_NAME" 2>/dev/null || userdel "$USER_NAME" || true
+        fi
+        log "clean: user $USER_NAME and its sudo rule removed"
+    fi
+    # `ip netns add` bind-mounts /run/netns onto itself; with no namespace left it is unused.
+    if [ -z "$(ip netns list 2>/dev/null)" ] && mountpoint -q /run/netns 2>/dev/null; then
+        if umount /run/netns 2>/dev/null; then rmdir /run/netns 2>/dev/null || true; fi
+    fi
+    # The hosts' /var/lib/images are bind mounts of $STATE/hN/images over this directory.
+    rmdir /var/lib/images 2>/dev/null || true
+    log "clean: done"
+}
+
 cmd_status() {
     local ns
     echo "namespaces: $(hosts_up | tr '\n' ' ')"
@@ -238,6 +261,7 @@ cmd_status() {
 case "${1:-}" in
     up) cmd_up "${2:-3}" ;;
     down) cmd_down ;;
+    clean) cmd_clean ;;
     status) cmd_status ;;
-    *) echo "usage: $0 up N | down | status" >&2; exit 2 ;;
+    *) echo "usage: $0 up N | down | clean | status" >&2; exit 2 ;;
 esac

@@ -10,20 +10,44 @@ failed=()
 
 cleanup() {
     bash "$NSHOSTS" down >/dev/null 2>&1
-    pkill -f "qemu-io -c sleep" 2>/dev/null || true
+    pkill -f "qemu-io -c sleep 120000" 2>/dev/null || true  # only the holder safety_remote starts
 }
-trap cleanup EXIT
+# On exit the hosts are down and, unless VDISK_KEEP_TEST_HOSTS=1, the test user with its sudo
+# rule, the /run/netns mount and the empty /var/lib/images are removed (nshosts.sh clean).
+on_exit() {
+    cleanup
+    if [ "${VDISK_KEEP_TEST_HOSTS:-0}" != 1 ]; then
+        bash "$NSHOSTS" clean
+    else
+        echo "VDISK_KEEP_TEST_HOSTS=1: the test user and its sudo rule are kept"
+    fi
+}
+trap on_exit EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
 
 bash tests/hosts/setup.sh || { echo "remote test setup failed"; exit 1; }
 mkdir -p .scratch/collections/ansible_collections/vdisk
 ln -sfn "$ROOT" .scratch/collections/ansible_collections/vdisk/qcow2
 export PATH="$ROOT/.venv-molecule/bin:$PATH"
 export ANSIBLE_NOCOLOR=1 PY_COLORS=0 ANSIBLE_FORCE_COLOR=0 NO_COLOR=1
+# Before `create` brings the hosts up, the scenarios' inventory does not exist: an inventory
+# with the empty group keeps ansible-playbook from warning that it cannot parse it, that the
+# group does not exist and that only localhost is left (the destroy and create playbooks run
+# on localhost).
+export ANSIBLE_LOCALHOST_WARNING=False
+if [ ! -f tests/hosts/.state/inventory.yml ]; then
+    mkdir -p tests/hosts/.state
+    printf -- '---\nnshosts:\n  hosts: {}\n' > tests/hosts/.state/inventory.yml
+fi
 
 scenario() {
     local name=$1 start=$SECONDS
     echo "---- molecule test -s $name"
-    if molecule test -s "$name"; then
+    # molecule looks for a `default` scenario (shared state) and logs "CRITICAL
+    # 'extensions/molecule/default/molecule.yml' glob failed.  Exiting." when there is none;
+    # it goes on without shared state, as these scenarios mean: that one line is dropped.
+    if molecule test -s "$name" 2>&1 | { grep -v "molecule/default/molecule.yml' glob failed" || true; }; then
         echo "---- $name passed in $((SECONDS - start))s"
     else
         echo "---- $name FAILED after $((SECONDS - start))s"

@@ -102,7 +102,7 @@ def make_seeds(directory):
         if kind == "luks":
             cmd += ["--object", "secret,id=sec0,data=%s" % SECRET]
         cmd += ["-o", ",".join(opts)] if opts else []
-        for _attempt in range(3):   # LUKS key derivation timing can fail on a busy machine
+        for _attempt in range(10):  # LUKS key derivation timing can fail on a busy machine
             proc = run(*(cmd + [name, size]), cwd=directory)
             if not proc.returncode:
                 break
@@ -363,7 +363,9 @@ def campaign(inputs, workers, seed=1):
     if workers == 1:
         results = [worker(jobs[0])]
     else:
-        with multiprocessing.Pool(workers) as pool:
+        # forkserver, not fork: the calling process may have threads (pytest's, a Pool's), and
+        # a forked child of a threaded process can deadlock (Python 3.12+ warns about it).
+        with multiprocessing.get_context("forkserver").Pool(workers) as pool:
             results = pool.map(worker, jobs)
     totals = {"seed": seed, "seeds": len(seeds), "seconds": 0.0}
     examples = {}

@@ -254,7 +254,9 @@ def campaign(inputs, workers, seed=1, outdir=None):
     if workers == 1:
         results = [worker(jobs[0])]
     else:
-        with multiprocessing.Pool(workers) as pool:
+        # forkserver, not fork: the calling process may have threads (pytest's, a Pool's), and
+        # a forked child of a threaded process can deadlock (Python 3.12+ warns about it).
+        with multiprocessing.get_context("forkserver").Pool(workers) as pool:
             results = pool.map(worker, jobs)
     totals = {"seeds": len(seeds), "seconds": round(time.monotonic() - start, 1)}
     totals["cpu_limit_s"] = CPU_LIMIT
