@@ -26,10 +26,11 @@ def _umask():
     return current
 
 
-def file_args_problem(module, path):
+def file_args_problem(module, path, params=None):
     """Why owner, group or mode cannot be applied to `path`, or None. Checked before an
-    image is created, so a bad value never leaves a new image behind."""
-    params = module.params
+    image is created, so a bad value never leaves a new image behind. `params` are the
+    image's options (default: the module's)."""
+    params = module.params if params is None else params
     owner, group, mode = params.get("owner"), params.get("group"), params.get("mode")
     if owner is not None and not str(owner).isdigit():
         try:
@@ -43,16 +44,17 @@ def file_args_problem(module, path):
             return "group: the group %r does not exist on the host (for %s)" % (group, path)
     if mode is not None:
         try:
-            creation_mode(module)
+            creation_mode(module, params)
         except (ValueError, TypeError) as exc:
             return "mode: %r is not a valid mode for %s (%s; use octal like '0640' or symbolic " \
                    "like 'u=rw,g=r,o=')" % (mode, path, exc)
     return None
 
 
-def creation_mode(module):
-    """The permission bits a new image file gets from the start (never wider than final)."""
-    mode = module.params.get("mode")
+def creation_mode(module, params=None):
+    """The permission bits a new image file gets from the start (never wider than final).
+    `params` are the image's options (default: the module's)."""
+    mode = (module.params if params is None else params).get("mode")
     base = 0o666 & ~_umask()
     if mode is None:
         return base

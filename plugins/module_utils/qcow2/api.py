@@ -51,10 +51,13 @@ def validate_declaration(declared):
     return CreateOptions.from_dict(values)
 
 
-def backing_size(image_path, backing_file, backing_fmt):
-    """The virtual size of a backing file, read only when the user left size out."""
+def backing_size(image_path, backing_file, backing_fmt, planned=None):
+    """The virtual size of a backing file, read only when the user left size out (or taken
+    from `planned`, see preflight)."""
     path = resolve_relative(image_path, backing_file)
-    _check_backing(image_path, backing_file)
+    if backing_fmt == "qcow2" and _planned(planned, path):
+        return planned[os.path.realpath(path)]["virtual_size"]
+    _check_backing(image_path, backing_file, planned)
     # A backing name may be a symbolic link; the node it leads to must be a file or a device.
     fd, st = nodes.open_checked(path, os.O_RDONLY, follow=True, what="backing_file",
                                 option="backing_file")
@@ -75,7 +78,7 @@ def backing_size(image_path, backing_file, backing_fmt):
                      % backing_fmt, option="size")
 
 
-def parse_options(path, values):
+def parse_options(path, values, planned=None):
     """Validate creation options for an image at `path` (reads the backing file's size only
     when size is left out)."""
     values = dict(values)
@@ -83,7 +86,8 @@ def parse_options(path, values):
     if values.get("backing_fmt"):
         check_backing_fmt(str(values["backing_fmt"]))
     if values.get("size") is None and values.get("backing_file") and values.get("backing_fmt"):
-        size_from_backing = backing_size(path, values["backing_file"], values["backing_fmt"])
+        size_from_backing = backing_size(path, values["backing_file"], values["backing_fmt"],
+                                         planned)
     return CreateOptions.from_dict(values, size_from_backing=size_from_backing)
 
 
@@ -100,10 +104,19 @@ def is_block_device(path):
         return False
 
 
-def _check_backing(path, backing_file):
+def _planned(planned, path):
+    """Whether `planned` (see preflight) says what the file at `path` will be."""
+    return bool(planned) and planned.get(os.path.realpath(path)) is not None
+
+
+def _check_backing(path, backing_file, planned=None):
     """The backing file must exist and be a regular file or a block device (it may be reached
     through a symbolic link); it is not opened here."""
     backing = resolve_relative(path, backing_file)
+    if planned and os.path.realpath(backing) in planned:
+        if planned[os.path.realpath(backing)] is None:
+            raise Qcow2Error("backing_file: %s does not exist" % backing, option="backing_file")
+        return
     if nodes.check_node(backing, "backing_file", follow=True, option="backing_file") is None:
         raise Qcow2Error("backing_file: %s does not exist" % backing, option="backing_file")
 
@@ -268,7 +281,7 @@ def _check_directory(path, what):
 
 
 def preflight_create(path, values, replace=False, source=None, source_format=None,
-                     allow_backing=False):
+                     allow_backing=False, planned=None):
     """Raise what creating (or replacing) the image at `path` would fail on before its first
     write: options, the directory, the backing file, the source (its backing chain refused
     unless `allow_backing`), free space. Reads only."""
@@ -286,7 +299,8 @@ def preflight_create(path, values, replace=False, source=None, source_format=Non
             return opts
         finally:
             src.close()
-    opts = values if isinstance(values, CreateOptions) else parse_options(path, values)
+    opts = values if isinstance(values, CreateOptions) else \
+        parse_options(path, values, planned)
     if is_block_device(path):
         if not replace:
             raise Qcow2Error("%s: is a block device that may hold data; writing an image onto "
@@ -297,7 +311,7 @@ def preflight_create(path, values, replace=False, source=None, source_format=Non
         return opts
     _check_directory(path, "create the image")
     if opts.backing_file:
-        _check_backing(path, opts.backing_file)
+        _check_backing(path, opts.backing_file, planned)
     if opts.data_file:
         _check_directory(resolve_relative(path, opts.data_file), "create the data file")
     writer.check_space(os.path.dirname(os.path.abspath(path)), plan_for(path, opts))
@@ -309,12 +323,15 @@ def preflight_remove(path):
     _check_directory(path, "remove the image")
 
 
-def preflight(path, decision, expected=None):
+def preflight(path, decision, expected=None, planned=None):
     """Raise the Qcow2Error that applying `decision` in place would raise before its first
     write: the editor's guard (dirty, corrupt, damaged) and the planners' guest-view rules.
     Reads only; check mode runs it so its prediction matches the real run. `expected` is the
     identity observe() recorded: what is at `path` now must still be that file. A creation's
-    resolved options complete `decision.after`."""
+    resolved options complete `decision.after`. `planned` (check mode of a list of images)
+    maps the real path of a file that an earlier image of the same run makes, changes or
+    removes to what it will be: None (removed) or {"format": ..., "virtual_size": N}; a
+    backing file found there is taken as that, not looked up."""
     from .editor import guard_image
     from .image import Image
     nodes.check_identity(path, expected)
@@ -324,7 +341,8 @@ def preflight(path, decision, expected=None):
                                     replace=action.kind == "recreate",
                                     source=action.args.get("source"),
                                     source_format=action.args.get("source_format"),
-                                    allow_backing=bool(action.args.get("source_backing_chain")))
+                                    allow_backing=bool(action.args.get("source_backing_chain")),
+                                    planned=planned)
             # The size a source or backing file gives, and the defaults, are known only now:
             # the diff's `after` shows the image the creation will make (check mode too).
             from .reconcile import created_fields
