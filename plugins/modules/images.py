@@ -13,7 +13,7 @@ module: images
 short_description: Converge a list of qcow2 disk images in one run, without qemu-img
 version_added: 0.1.0
 description:
-  - Converges every image of O(images), in list order, in one module run: each item is what
+  - Converges every image of O(images), in list order, in one module run. Each item is what
     one M(vdisk.qcow2.image) task declares, with the same options, checks, actions and
     results. It is the same code as M(vdisk.qcow2.image), run once per item.
   - Each item is merged over O(defaults) (an item's own key wins; a key set to V(null) in an
@@ -22,8 +22,8 @@ description:
     naming the item (its index and path) and the parameter, and the other items are still
     converged.
   - A failing item fails the task, but the items after it are still converged, as a loop
-    would do, except those made from it (an item whose O(images[].backing_file) or
-    O(images[].source) is the path of an item that failed or was skipped), which are skipped
+    would do, except those made from it (an item whose C(backing_file) or
+    C(source) is the path of an item that failed or was skipped), which are skipped
     with a result saying why.
   - In check mode an overlay declared after its base in the same list is predicted as the
     real run will make it, also when the base does not exist yet (the module knows the base
@@ -49,9 +49,9 @@ options:
     required: true
   defaults:
     description:
-      - Options shared by every item of O(images) that does not set them itself, for example
-        C({owner: qemu, mode: "0600", preallocation: metadata}). Any option of
-        M(vdisk.qcow2.image) but O(vdisk.qcow2.image#module:path).
+      - Options shared by every item of O(images) that does not set them itself (for example
+        the owner, mode and preallocation of every image). Any option of M(vdisk.qcow2.image)
+        but O(vdisk.qcow2.image#module:path).
     type: dict
     default: {}
 extends_documentation_fragment:
