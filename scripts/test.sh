@@ -124,8 +124,8 @@ lane_ansible() {
     step "ansible-test sanity (all tests, Python 3.9-3.13)" in_tree ansible-test sanity --local
     step "ansible-test units on Python 3.9" in_tree ansible-test units --venv --python 3.9
     step "ansible-test units on Python 3.13" in_tree ansible-test units --venv --python 3.13
-    step "ansible-test integration (image, image_info, role_images)" \
-        in_tree ansible-test integration --venv --python 3.13 image image_info role_images
+    step "ansible-test integration (image, image_info, images_module, role_images)" \
+        in_tree ansible-test integration --venv --python 3.13 image image_info images_module role_images
     step "ansible-lint --profile production" in_tree ansible-lint --offline --profile production
     step "antsibull-docs lint-collection-docs" \
         in_tree antsibull-docs lint-collection-docs --plugin-docs --skip-rstcheck .
