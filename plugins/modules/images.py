@@ -69,7 +69,7 @@ attributes:
     support: full
     details:
       - Each item's diff is in RV(results[].diff), and the top-level RV(diff) is the list of
-        them, shown one after the other like the items of a loop.
+        the diffs of the items that change, shown one after the other like those of a loop.
   platform:
     platforms: posix
   safe_file_operations:
@@ -196,9 +196,10 @@ results:
       method: sparse
 diff:
   description:
-    - With C(--diff), the diffs of the items that were converged (not those that failed, were
-      skipped or invalid), in list order; the callback shows them one after the other. Each is
-      also in its item's RV(results[].diff).
+    - With C(--diff), the diffs of the items that changed (in check mode, would change), in
+      list order; the callback shows them one after the other, as it shows the diffs of a
+      loop's changed items. Every converged item's diff, changed or not, is in its
+      RV(results[].diff).
   returned: when diff mode is on
   type: list
   elements: dict
@@ -228,7 +229,8 @@ def main():
         module, module.params["images"], module.params["defaults"]).run()
     out = dict(changed=any(r.get("changed") for r in results), results=results)
     if module._diff:
-        out["diff"] = [r["diff"] for r in results if r.get("diff")]
+        # As the callback shows a loop's diffs: those of the items that changed.
+        out["diff"] = [r["diff"] for r in results if r.get("diff") and r.get("changed")]
     if failures:
         module.fail_json(msg="; ".join(failures + skips), **out)
     module.exit_json(**out)

@@ -100,9 +100,13 @@ def test_changed_is_any_item(tmp_path, capsys):
     a = str(tmp_path / "a.qcow2")
     b = str(tmp_path / "b.qcow2")
     run(capsys, images=[{"path": a, "size": "4M"}])
-    result = run(capsys, images=[{"path": a, "size": "4M"}, {"path": b, "size": "4M"}])
+    result = run(capsys, images=[{"path": a, "size": "4M"}, {"path": b, "size": "4M"}],
+                 _ansible_diff=True)
     assert result["changed"] is True
     assert [r["changed"] for r in result["results"]] == [False, True]
+    # The top-level diff lists the changed items' diffs, as the callback shows a loop's.
+    assert result["diff"] == [result["results"][1]["diff"]]
+    assert result["results"][0]["diff"]["before"] == result["results"][0]["diff"]["after"]
 
 
 def test_overlay_after_its_base_predicted_in_check_mode(tmp_path, capsys):
