@@ -30,10 +30,18 @@ def load(srcs):
     for src in srcs:
         with open(src) as handle:
             doc = json.load(handle)
+        # A fleet group (local, hosts) is drawn from one run: a later run of the group
+        # replaces all of its rows, so no panel mixes runs.
+        groups = set(r.get("group") for r in doc["results"] if r["kind"] == "fleet")
+        for name in [n for n, r in by_name.items()
+                     if r["kind"] == "fleet" and r.get("group") in groups]:
+            del by_name[name]
         for r in doc["results"]:
             by_name[r["name"]] = r
             kind = r["kind"] if r["kind"] in ("convert", "fleet") else "create"
             when[kind] = doc["when"]
+            if kind == "fleet":
+                when["fleet " + r["group"]] = doc["when"]
     return list(by_name.values()), when
 
 
@@ -166,7 +174,7 @@ def main(srcs, dst):
             if not rows:
                 ax.set_visible(False)
                 continue
-            fleet_panel(ax, rows, label)
+            fleet_panel(ax, rows, "%s (%s)" % (label, when.get("fleet " + group)))
     titles = []
     if top:
         titles.append("create time against size, and inspection (%s)" % when.get("create"))
@@ -174,7 +182,7 @@ def main(srcs, dst):
         titles.append("provisioning from a template, ratio ours/qemu-img above our bars (%s)"
                       % when.get("convert"))
     if fleet:
-        titles.append("idempotent re-runs against ansible.builtin.stat (%s)" % when.get("fleet"))
+        titles.append("idempotent Ansible re-runs against ansible.builtin.stat")
     title = "; ".join(titles)
     fig.suptitle(title[:1].upper() + title[1:], fontsize=11)
     fig.tight_layout()
