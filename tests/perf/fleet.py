@@ -218,8 +218,8 @@ def run(playbook, env, inventory, log, expect_hosts, idempotent=True):
     recap = RECAP.findall(text)
     bad = [r for r in recap if int(r[3]) or int(r[4]) or (idempotent and int(r[2]))]
     if proc.returncode != 0 or bad or (expect_hosts and len(recap) != expect_hosts):
-        sys.exit("%s: rc %d, recap %s\n%s" % (os.path.basename(playbook), proc.returncode,
-                                                recap, text[-3000:]))
+        name = os.path.basename(playbook)
+        sys.exit("%s: rc %d, recap %s\n%s" % (name, proc.returncode, recap, text[-3000:]))
     return seconds
 
 
@@ -346,7 +346,7 @@ def run_hosts(workdir, rounds, nhosts, keep):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", maxsplit=1)[0])
     parser.add_argument("--rounds", type=int, default=None, help="counted rounds of both groups "
                         "(a warm-up round comes first and is discarded); default: local 4, "
                         "hosts 3 (on a busy 2-core machine the local runs vary much more, the "
