@@ -58,7 +58,7 @@ LOCAL_SIZE = "1T"   # local group: the image re-checked
 
 # The four images of every host: one per preallocation mode (as the scale scenario).
 HOST_IMAGES = [
-    {"name": "off", "size": "20G", "preallocation": "off"},
+    {"name": "off", "size": "20G", "preallocation": "'off'"},   # quoted: YAML reads off as false
     {"name": "metadata", "size": "20G", "preallocation": "metadata"},
     {"name": "falloc", "size": "256M", "preallocation": "falloc"},
     {"name": "full", "size": "128M", "preallocation": "full"},
@@ -174,11 +174,14 @@ def env_for_doc():
 
 
 def host_arms(workdir, option):
-    """{arm: playbook} of the hosts group, and the reason the images-module arm is skipped."""
+    """{arm: playbook} of the hosts group."""
     extra = "  become: true\n  vars:\n    fleet_dir: \"%s/{{ inventory_hostname }}/images\"\n" \
         % HOSTS_ENV["VDQ_STATE"]
     items = "".join("      - {path: \"{{ fleet_dir }}/%s.qcow2\", size: %s, preallocation: %s}\n"
                     % (i["name"], i["size"], i["preallocation"]) for i in HOST_IMAGES)
+    # The role as its README shows it first: in the play's roles, the list in its vars.
+    role = ("  roles:\n    - role: vdisk.qcow2.images\n      vars:\n        qcow2_images:\n"
+            + items.replace("      - ", "          - "))
     loop = "      loop:\n" + items.replace("      - ", "        - ")
     arms = {
         "image loop": "    - name: image loop\n      vdisk.qcow2.image:\n"
@@ -187,18 +190,18 @@ def host_arms(workdir, option):
         "stat loop": "    - name: stat loop\n      ansible.builtin.stat:\n"
                      "        path: \"{{ item.path }}\"\n        get_checksum: false\n"
                      "        get_mime: false\n        get_attributes: false\n" + loop,
-        "role images": "    - name: role\n      ansible.builtin.include_role:\n"
-                       "        name: vdisk.qcow2.images\n      vars:\n        qcow2_images:\n"
-                       + items.replace("      - ", "          - "),
         "empty": "",
     }
     if option:
         arms["images module"] = ("    - name: images module\n      vdisk.qcow2.images:\n"
                                  "        %s:\n" % option
                                  + items.replace("      - ", "          - "))
-    return {name: write(os.path.join(workdir, "hosts-%s.yml" % name.replace(" ", "-")),
-                        play("nshosts", tasks, extra))
-            for name, tasks in arms.items()}
+    books = {name: write(os.path.join(workdir, "hosts-%s.yml" % name.replace(" ", "-")),
+                         play("nshosts", tasks, extra))
+             for name, tasks in arms.items()}
+    books["role images"] = write(os.path.join(workdir, "hosts-role-images.yml"),
+                                 play("nshosts", "", extra + role).replace("  tasks: []\n", ""))
+    return books
 
 
 RECAP = re.compile(r"^(\S+)\s*:\s*ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)",
