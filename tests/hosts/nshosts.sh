@@ -16,6 +16,10 @@
 #
 # Environment: VDQ_PREFIX (default vdq), VDQ_NET (default 10.231.0), VDQ_STATE (default
 # tests/hosts/.state), VDQ_USER (default vdqtest), VDQ_EXTRA_PUBKEY (another key to accept).
+# Two sets run side by side when all four differ: the namespaces, veths, bridge, /run
+# directory and sudo rule are named after VDQ_PREFIX, the addresses come from VDQ_NET, keys,
+# sshd configs, ControlPersist sockets and images live under VDQ_STATE, and `down`/`clean`
+# touch only their own set (processes are found by namespace, never by a name pattern).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -242,8 +246,13 @@ cmd_clean() {
     if [ -z "$(ip netns list 2>/dev/null)" ] && mountpoint -q /run/netns 2>/dev/null; then
         if umount /run/netns 2>/dev/null; then rmdir /run/netns 2>/dev/null || true; fi
     fi
-    # The hosts' /var/lib/images are bind mounts of $STATE/hN/images over this directory.
-    rmdir /var/lib/images 2>/dev/null || true
+    # The hosts' /var/lib/images are bind mounts of $STATE/hN/images over this directory, in
+    # their private mount namespaces. Removing it while another set's hosts run (another
+    # VDQ_PREFIX) would detach their mounts (the kernel allows rmdir of a directory that is a
+    # mount point only in other mount namespaces), so it goes only when no namespace is left.
+    if [ -z "$(ip netns list 2>/dev/null)" ]; then
+        rmdir /var/lib/images 2>/dev/null || true
+    fi
     log "clean: done"
 }
 

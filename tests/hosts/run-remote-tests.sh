@@ -78,8 +78,9 @@ else
 fi
 
 cleanup
-left_ns=$(ip netns list 2>/dev/null | grep -c '^vdq-' || true)
-left_sshd=$(pgrep -fc 'sshd -D -f .*tests/hosts/.state' || true)
+# Only this set's (another VDQ_PREFIX/VDQ_STATE, a benchmark's hosts, may be running).
+left_ns=$(ip netns list 2>/dev/null | grep -c "^${VDQ_PREFIX:-vdq}-h" || true)
+left_sshd=$(pgrep -fc "sshd -D -f ${VDQ_STATE:-$ROOT/tests/hosts/.state}/" || true)
 echo "after down: $left_ns namespace(s), $left_sshd harness sshd process(es)"
 if [ "$left_ns" != 0 ] || [ "$left_sshd" != 0 ]; then
     failed+=("harness left something behind")
