@@ -210,7 +210,10 @@ def apply_to_fd(fd, plan, device=False, nocow=False, extent_size_hint=0, content
         os.ftruncate(fd, plan.file_size)
     if plan.mode == "falloc":
         allocate(fd, plan.data_offset, plan.data_length, "falloc", result, device)
-    write_metadata(fd, plan, result, sparse=not device and plan.mode in ("off", "metadata"))
+    # A copy (content) leaves the metadata's all-zero padding as holes in every mode, as
+    # qemu-img convert does (its falloc/full copies leave e.g. the L1 table's tail a hole).
+    write_metadata(fd, plan, result, sparse=not device and (
+        plan.mode in ("off", "metadata") or content is not None))
     if device:
         _zero_gaps(fd, plan, result)
     if content is not None:
