@@ -9,9 +9,10 @@ hole in the new file (like `qemu-img convert`, which skips zero runs of 4 KiB), 
 extended L2 only the subclusters holding data are marked allocated (`subcluster_bits`); an
 unallocated subcluster of an image without a backing file reads zeros.
 
-The scan compares each aligned block with a zero block (a slice and a `memcmp`, which stops
-at the first non-zero byte): about 1 ms per 8 MiB at 4 KiB blocks here, less than a search for
-a zero block with `bytes.find` (1.5–5 ms).
+A buffer without a run of a block's length of zeros anywhere is recognised by one C-level
+`bytes.find` of a zero block (about 1.5 ms per 8 MiB here); otherwise each aligned block
+from the first such run on is compared with a zero block (a slice and a `memcmp`, which stops
+at the first non-zero byte).
 """
 
 BLOCK = 4096                      # holes inside a cluster: the host's block size
@@ -42,15 +43,29 @@ def nonzero_runs(data, block):
     if not isinstance(data, bytes):
         data = bytes(data)
     zero = _zero(block)
+    # Fast path, one C-level pass: no run of `block` zeros anywhere, so no zero block.
+    first = data.find(zero)
+    full = n - n % block
+    if first < 0:
+        if full < n and data[full:] == zero[:n - full]:
+            return [(0, full)] if full else []
+        return [(0, n)] if n else []
+    first -= first % block
     out = []
-    start = None
-    for pos in range(0, n, block):
-        if data[pos:pos + block] == zero[:min(block, n - pos)]:
+    start = 0 if first else None
+    for pos in range(first, full, block):
+        if data[pos:pos + block] == zero:
             if start is not None:
                 out.append((start, pos))
                 start = None
         elif start is None:
             start = pos
+    if full < n and data[full:] != zero[:n - full]:
+        if start is None:
+            start = full
+    elif full < n and start is not None:
+        out.append((start, full))
+        start = None
     if start is not None:
         out.append((start, n))
     return out
