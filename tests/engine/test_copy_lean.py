@@ -182,3 +182,44 @@ def test_zero_blocks_inside_a_cluster_stay_holes(templates, tmp_path, mode):
     # blocks of the header, tables and refcounts.
     data = (128 + 512 + 1536 + 64 + 2048) * KiB
     assert disk_use(ours) <= data + 256 * KiB, disk_use(ours) // KiB
+
+
+def _reference_runs(data, block):
+    out, start = [], None
+    for pos in range(0, len(data), block):
+        if data[pos:pos + block] == bytes(len(data[pos:pos + block])):
+            if start is not None:
+                out.append((start, pos))
+                start = None
+        elif start is None:
+            start = pos
+    if start is not None:
+        out.append((start, len(data)))
+    return out
+
+
+def test_zero_scan_matches_a_block_by_block_reference():
+    """zeroscan.nonzero_runs (fast path included) against the plain block-by-block scan,
+    short odd ends included; and the subcluster bitmaps of a few runs."""
+    from qcow2 import zeroscan
+    rng = random.Random(180)
+    for _case in range(1500):
+        block = rng.choice((512, 2048, 4096))
+        n = rng.randrange(0, 12 * block)
+        data = bytearray(n)
+        for _run in range(rng.randrange(0, 6)):
+            s = rng.randrange(0, n + 1)
+            for i in range(s, min(n, s + rng.randrange(0, 2 * block))):
+                data[i] = rng.choice((0, 1, 255))
+        if rng.random() < 0.3:
+            data = bytearray(b or 7 for b in data)
+        data = bytes(data)
+        assert zeroscan.nonzero_runs(data, block) == _reference_runs(data, block), (block, n)
+    cs = 64 * KiB
+    assert zeroscan.subcluster_bits([(0, 2 * KiB)], 0, cs) == {0: 1}
+    assert zeroscan.subcluster_bits([(1, 2)], 2 * KiB, cs) == {0: 2}
+    assert zeroscan.subcluster_bits([(0, cs + 4 * KiB)], 62 * KiB, cs) == \
+        {0: 1 << 31, 1: 0xFFFFFFFF, 2: 1}
+    assert zeroscan.grain(64 * KiB, True) == 2 * KiB
+    assert zeroscan.grain(2 * MiB, True) == 4 * KiB
+    assert zeroscan.grain(512, False) == 512
