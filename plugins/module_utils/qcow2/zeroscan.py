@@ -37,10 +37,10 @@ def grain(cluster_size, extended_l2):
 
 
 def nonzero_runs(data, block):
-    """[(start, end)] of `data` (bytes, its offset 0 aligned to `block`) without the
+    """[(start, end)] of `data` (bytes or bytearray, its offset 0 aligned to `block`) without the
     `block`-aligned blocks that are all zeros (a short last block counts when all zeros)."""
     n = len(data)
-    if not isinstance(data, bytes):
+    if not isinstance(data, (bytes, bytearray)):
         data = bytes(data)
     zero = _zero(block)
     # Fast path, one C-level pass: no run of `block` zeros anywhere, so no zero block.
