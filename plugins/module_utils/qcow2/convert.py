@@ -25,6 +25,10 @@ unwritten (`falloc`); with extended L2 only the subclusters holding data are mar
 the others are left unallocated and read zeros (a copy has no backing file), as qemu-img leaves
 them in every preallocation mode. The metadata of `off` copies is written without its all-zero
 blocks too.
+
+Into a preallocated layout the data goes out in 2 MiB pieces on a few threads, each piece's
+writeback started at once, and a raw source is read into a few reused buffers (see
+`_ParallelWrites` and `_RawReader`).
 """
 
 import os
@@ -224,7 +228,8 @@ class _ParallelWrites(object):
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=threads)
         self.pending = collections.deque()
         self.limit = 4 * threads
-        self.owned = {}
+        self.owner = None             # the buffer the pieces being submitted come from
+        self.owned = {}               # buffer: its pieces' futures
 
     def _one(self, piece, offset):
         writer.write_all(self.fd, piece, offset)
@@ -240,12 +245,9 @@ class _ParallelWrites(object):
             if self.owner is not None:
                 self.owned.setdefault(self.owner, []).append(future)
 
-    owner = None                      # the buffer the pieces being submitted come from
-    owned = None
-
     def release(self, owner):
         """Wait for the pieces taken from buffer `owner` (before it is read into again)."""
-        for future in (self.owned or {}).pop(owner, ()):
+        for future in self.owned.pop(owner, ()):
             future.result()
 
     def drain(self):
