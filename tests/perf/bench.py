@@ -16,7 +16,10 @@ sides.
 
 `--only convert` runs only the provisioning rows (a copy of a 2 GiB template, raw and
 compressed qcow2, into a 20 GiB image per preallocation mode, against `qemu-img convert` plus
-`qemu-img resize`); `--only create`, `check`, `state` select the other kinds, and a case's
+`qemu-img resize`, plus case 3 of issue 18: a freshly written 2 GiB raw template, half data in
+8 MiB runs, into a metadata image against `qemu-img convert -O qcow2 -o preallocation=metadata`,
+settled before every run and alternated, `--fresh-method naive|settled|both`; `--only fresh`
+runs just that one); `--only create`, `check`, `state` select the other kinds, and a case's
 name selects that case.
 
 Writes JSON to tests/perf/results/bench-<timestamp>.json and prints a table, then the
@@ -68,12 +71,16 @@ def warm_up():
     subprocess.run(TOOL + ["--help"], env=TOOL_ENV, stdout=subprocess.DEVNULL, check=True)
 
 
+LAST_USAGE = [0.0, 0.0]           # user and system CPU seconds of the last `timed` command
+
+
 def timed(cmd, sync_path=None):
     """Run cmd; returns (seconds, peak RSS in KiB of the child). Includes `sync FILE`."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             env=TOOL_ENV if cmd[:2] == TOOL[:2] else None)
     _pid, status, usage = os.wait4(proc.pid, 0)
+    LAST_USAGE[:] = [usage.ru_utime, usage.ru_stime]
     proc.returncode = os.waitstatus_to_exitcode(status) if hasattr(os, "waitstatus_to_exitcode") \
         else status >> 8
     err = proc.stderr.read().decode(errors="replace")
@@ -406,6 +413,116 @@ def convert_cases(full_size):
 CONVERT_LIMITS = {"raw": 0.8, "qcow2": 1.0}
 
 
+# Issue 18, case 3: a copy from a freshly written raw template into a metadata image of its
+# size, durable, against `qemu-img convert -O qcow2 -o preallocation=metadata` + sync.
+FRESH_SIZE = 2 * GiB
+FRESH_RUN = 8 << 20               # data and holes alternate in runs of 8 MiB: half data
+FRESH_NAME = "convert fresh raw to metadata 2G"
+FRESH_LIMITS = {"ratio": 0.8, "spread": 2.0, "disk_over_qemu_img": 1.01}
+
+
+def write_fresh_template(path):
+    """2 GiB raw, 8 MiB of data then 8 MiB of hole, over and over; written now (its pages
+    dirty in the page cache until written back)."""
+    remove(path)
+    pool = template_pool(FRESH_RUN * 4)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.ftruncate(fd, FRESH_SIZE)
+        for k, offset in enumerate(range(0, FRESH_SIZE, 2 * FRESH_RUN)):
+            src = (k % 4) * FRESH_RUN
+            os.pwrite(fd, pool[src:src + FRESH_RUN], offset)
+    finally:
+        os.close(fd)
+
+
+def settle(paths_to_remove, src):
+    """The same starting state before every timed run, whichever side runs: the previous
+    outputs removed and that committed (`sync`: on a filesystem mounted with `discard` the
+    freed extents are discarded at the journal commit, which would otherwise stall the next
+    run's writes), nothing dirty left in the page cache (the template's own writeback, or
+    the previous run's, would be paid by whoever runs next), and the template's data read
+    into the page cache (both sides read it from memory)."""
+    remove(*paths_to_remove)
+    os.sync()
+    warm_cache(src)
+    os.sync()
+
+
+def run_fresh(workdir, rounds, method="settled"):
+    """Case 3 of issue 18. `settled` (the benchmark): the template written and synced once,
+    then before every timed run `settle`, and the order alternates (A B, B A, ...). `naive`
+    (the earlier measurement, to show the instability): the template written just before,
+    ours then qemu-img in every round, nothing settled between runs."""
+    src = os.path.join(workdir, "fresh.raw")
+    ours = os.path.join(workdir, "fresh-ours.qcow2")
+    ref = os.path.join(workdir, "fresh-ref.qcow2")
+    a = TOOL + ["convert", "-f", "raw", "-o", "preallocation=metadata", src, ours]
+    b = [QEMU_IMG, "convert", "-q", "-f", "raw", "-O", "qcow2", "-o", "preallocation=metadata",
+         src, ref]
+    remove(ours, ref)
+    write_fresh_template(src)
+    if method == "settled":
+        os.sync()
+    ours_t, ref_t, rss, order, cpu = [], [], [], [], {"ours": [], "qemu-img": []}
+    facts = {}
+    for rnd in range(rounds):
+        sides = [("ours", a, ours), ("qemu-img", b, ref)]
+        if method == "settled" and rnd % 2:
+            sides.reverse()
+        order.append([name for name, _cmd, _out in sides])
+        for name, cmd, out in sides:
+            if method == "settled":
+                settle([out], src)
+            else:
+                remove(out)
+            t, r = timed(cmd, out)
+            cpu[name].append([round(x, 3) for x in LAST_USAGE])
+            if name == "ours":
+                ours_t.append(t)
+                rss.append(r)
+            else:
+                ref_t.append(t)
+        if rnd == 0:
+            facts = {"ours_file_size": os.path.getsize(ours), "ours_allocated": allocated(ours),
+                     "ref_file_size": os.path.getsize(ref), "ref_allocated": allocated(ref)}
+            cmp_ = subprocess.run([QEMU_IMG, "compare", "-q", "-f", "raw", "-F", "qcow2", src,
+                                   ours], check=False)
+            chk = subprocess.run([QEMU_IMG, "check", "-q", ours], check=False)
+            facts["verified"] = {"qemu_img_compare": "identical" if cmp_.returncode == 0
+                                 else "DIFFERENT", "qemu_img_check": "clean"
+                                 if chk.returncode == 0 else "NOT CLEAN"}
+    remove(ours, ref, src)
+    out = {
+        "name": FRESH_NAME + ("" if method == "settled" else " (naive)"), "kind": "convert",
+        "mode": "metadata", "size": FRESH_SIZE, "options": "", "source_format": "fresh raw",
+        "method": method, "order": order, "mount_options": mount_options(workdir),
+        "reference": "qemu-img convert", "rounds": rounds, "ours_s": ours_t, "ref_s": ref_t,
+        "ours_median_s": statistics.median(ours_t), "ref_median_s": statistics.median(ref_t),
+        "ours_spread": max(ours_t) / min(ours_t), "ref_spread": max(ref_t) / min(ref_t),
+        "round_ratios": [x / y for x, y in zip(ours_t, ref_t)],
+        "cpu_user_sys_s": cpu, "loadavg_at_end": list(os.getloadavg()),
+        "ours_peak_rss_mib": max(rss) / 1024.0, "ref_peak_rss_mib": 0.0,
+    }
+    out["ratio"] = out["ours_median_s"] / out["ref_median_s"]
+    # Paired: each round's two runs are back to back, so they share the machine's state.
+    out["round_ratio_median"] = statistics.median(out["round_ratios"])
+    # CPU time (user + system) of the command itself (not the sync after it): what the side
+    # costs the machine, insensitive to waiting for a CPU on a loaded one.
+    out["ours_cpu_median_s"] = statistics.median(sum(u) for u in cpu["ours"])
+    out["ref_cpu_median_s"] = statistics.median(sum(u) for u in cpu["qemu-img"])
+    out["cpu_ratio"] = out["ours_cpu_median_s"] / out["ref_cpu_median_s"]
+    out.update(facts)
+    out["disk_over_qemu_img"] = out["ours_allocated"] / float(out["ref_allocated"])
+    return out
+
+
+def mount_options(path):
+    proc = subprocess.run(["findmnt", "-no", "OPTIONS", "-T", path], stdout=subprocess.PIPE,
+                          universal_newlines=True, check=False)
+    return proc.stdout.strip()
+
+
 CASES = [
     Case("metadata 100G", "metadata", 100 * GiB),
     Case("metadata 1T", "metadata", TiB),
@@ -487,8 +604,15 @@ def targets(results, e2e_res):
         if name in by_name:
             out.append(("%s %s" % (name, key), by_name[name][key], limit))
     for r in results:
-        if r["kind"] == "convert":
+        if r["kind"] == "convert" and r["source_format"] in CONVERT_LIMITS:
             out.append(("%s ratio" % r["name"], r["ratio"], CONVERT_LIMITS[r["source_format"]]))
+        if r["name"] == FRESH_NAME:
+            out.append(("%s ratio" % r["name"], r["ratio"], FRESH_LIMITS["ratio"]))
+            out.append(("%s spread ours" % r["name"], r["ours_spread"], FRESH_LIMITS["spread"]))
+            out.append(("%s spread qemu-img" % r["name"], r["ref_spread"],
+                        FRESH_LIMITS["spread"]))
+            out.append(("%s disk ours/qemu-img" % r["name"], r["disk_over_qemu_img"],
+                        FRESH_LIMITS["disk_over_qemu_img"]))
     converts = [r for r in results if r["kind"] == "convert"]
     if converts and len(converts) < len(results):
         peak = max(converts, key=lambda r: r["ours_peak_rss_mib"])
@@ -512,6 +636,10 @@ def main():
     parser.add_argument("--source-cache", choices=["warm", "cold"], default="warm",
                         help="convert rows: the template read into the page cache before every "
                         "timing (warm), or dropped from it (cold)")
+    parser.add_argument("--fresh-method", choices=["settled", "naive", "both"],
+                        default="settled",
+                        help="case 3 (" + FRESH_NAME + "): settled before every run and "
+                        "alternated (the benchmark), naive (as first measured), or both")
     args = parser.parse_args()
     if QEMU_IMG is None:
         sys.exit("qemu-img is needed as the reference (apt-get install qemu-utils)")
@@ -522,10 +650,28 @@ def main():
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     results = []
     templates = None
-    for case in CASES + convert_cases(int(float(args.full_size) * GiB)):
-        if only and case.name not in only and case.kind not in only:
+    fresh = Case(FRESH_NAME, "metadata", FRESH_SIZE, kind="convert", source="fresh")
+    for case in CASES + convert_cases(int(float(args.full_size) * GiB)) + [fresh]:
+        if only and case.name not in only and case.kind not in only and \
+                not (case is fresh and "fresh" in only):
             continue
         sys.stderr.write("running %s ...\n" % case.name)
+        if case is fresh:
+            methods = ["naive", "settled"] if args.fresh_method == "both" \
+                else [args.fresh_method]
+            for method in methods:
+                res = run_fresh(args.dir, args.rounds, method)
+                results.append(res)
+                sys.stderr.write("  %s: ours %s  qemu-img %s  ratio %.3f (paired %.3f, "
+                                 "spread %.2f / %.2f)  CPU ours %.2f s qemu-img %.2f s  disk "
+                                 "%.4f  load %s\n" % (
+                                     method, " ".join("%.2f" % t for t in res["ours_s"]),
+                                     " ".join("%.2f" % t for t in res["ref_s"]), res["ratio"],
+                                     res["round_ratio_median"], res["ours_spread"],
+                                     res["ref_spread"], res["ours_cpu_median_s"],
+                                     res["ref_cpu_median_s"], res["disk_over_qemu_img"],
+                                     " ".join("%.1f" % x for x in res["loadavg_at_end"])))
+            continue
         if case.kind == "convert":
             if templates is None:
                 templates = make_templates(args.dir)

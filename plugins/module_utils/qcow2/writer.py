@@ -24,6 +24,7 @@ import time
 from . import fileops
 from . import leftovers
 from . import nodes
+from . import zeroscan
 from .errors import Qcow2Error
 from .planner import metadata_chunks
 
@@ -108,13 +109,15 @@ def start_writeback(fd, offset, length):
         pass
 
 
-def write_metadata(fd, plan, result, sparse=True):
+def write_metadata(fd, plan, result, sparse=True, fine=False):
     """Write every metadata region, coalescing chunks into large sequential writes.
 
     With `sparse` (a new regular file, which reads as zeros) all-zero chunks are skipped, so
     padding stays a hole: fewer bytes written, and qemu-img's detection of metadata
     preallocation (refcounted clusters against allocated blocks) sees what it expects.
     Each batch goes out as one vectored write and its writeback is started at once.
+    With `fine` (copies, as qemu-img convert leaves them) the all-zero 4 KiB blocks inside
+    chunks are skipped too, e.g. the rest of a 2 MiB header cluster.
     """
     pending = []
     pending_off = None
@@ -126,7 +129,8 @@ def write_metadata(fd, plan, result, sparse=True):
         result.bytes_written += pending_len
         start_writeback(fd, pending_off, pending_len)
 
-    for offset, piece in metadata_chunks(plan):
+    for offset, piece in _fine_chunks(metadata_chunks(plan)) if sparse and fine \
+            else metadata_chunks(plan):
         if sparse and len(piece) <= len(zero) and piece == zero[:len(piece)]:
             continue
         if pending and offset != pending_off + pending_len:
@@ -142,6 +146,17 @@ def write_metadata(fd, plan, result, sparse=True):
             pending, pending_len = [], 0
     if pending:
         flush()
+
+
+def _fine_chunks(chunks):
+    """The non-zero 4 KiB-aligned runs of (offset, bytes) chunks at 4 KiB-aligned offsets."""
+    for offset, piece in chunks:
+        if offset % zeroscan.BLOCK or len(piece) <= zeroscan.BLOCK:
+            yield offset, piece
+            continue
+        view = memoryview(piece)
+        for s, e in zeroscan.nonzero_runs(piece, zeroscan.BLOCK):
+            yield offset + s, view[s:e]
 
 
 def write_zeros(fd, offset, length, result=None):
@@ -210,7 +225,10 @@ def apply_to_fd(fd, plan, device=False, nocow=False, extent_size_hint=0, content
         os.ftruncate(fd, plan.file_size)
     if plan.mode == "falloc":
         allocate(fd, plan.data_offset, plan.data_length, "falloc", result, device)
-    write_metadata(fd, plan, result, sparse=not device and plan.mode in ("off", "metadata"))
+    # A copy (content) leaves the metadata's all-zero padding as holes in every mode, as
+    # qemu-img convert does (its falloc/full copies leave e.g. the L1 table's tail a hole).
+    write_metadata(fd, plan, result, sparse=not device and (
+        plan.mode in ("off", "metadata") or content is not None), fine=content is not None)
     if device:
         _zero_gaps(fd, plan, result)
     if content is not None:
