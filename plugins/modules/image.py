@@ -463,9 +463,9 @@ from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.vdisk.qcow2.plugins.module_utils import module_support
 from ansible_collections.vdisk.qcow2.plugins.module_utils.qcow2 import api
-from ansible_collections.vdisk.qcow2.plugins.module_utils.qcow2 import nodes
+from ansible_collections.vdisk.qcow2.plugins.module_utils.qcow2.read import nodes
 from ansible_collections.vdisk.qcow2.plugins.module_utils.qcow2 import reconcile
-from ansible_collections.vdisk.qcow2.plugins.module_utils.qcow2.errors import Qcow2Error
+from ansible_collections.vdisk.qcow2.plugins.module_utils.qcow2.format.errors import Qcow2Error
 
 
 def _observe_quietly(path):

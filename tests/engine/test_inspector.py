@@ -20,9 +20,9 @@ _MODULE_UTILS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "
 if _MODULE_UTILS not in sys.path:
     sys.path.insert(0, _MODULE_UTILS)
 
-from qcow2 import check as check_module  # noqa: E402
-from qcow2 import inspector  # noqa: E402
-from qcow2.errors import Qcow2Error  # noqa: E402
+from qcow2.read import check as check_module  # noqa: E402
+from qcow2.read import inspector  # noqa: E402
+from qcow2.format.errors import Qcow2Error  # noqa: E402
 
 try:
     from hypothesis import HealthCheck, given, settings, strategies as st

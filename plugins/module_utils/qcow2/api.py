@@ -11,15 +11,15 @@ import os
 import stat
 import struct
 
-from . import constants as C
-from .errors import Qcow2Error
-from .header import decode_cluster0
-from .options import CreateOptions, check_backing_fmt
-from .planner import plan_create
-from . import guest_rules
-from . import nodes
-from . import resize
-from . import writer
+from .format import constants as C
+from .format.errors import Qcow2Error
+from .format.header import decode_cluster0
+from .format.options import CreateOptions, check_backing_fmt
+from .create.planner import plan_create
+from .edit import guest_rules
+from .read import nodes
+from .edit import resize
+from .create import writer
 
 
 def resolve_relative(image_path, name):
@@ -126,7 +126,7 @@ def starts_with_qcow2_header(path):
 def open_source(source, source_format, allow_backing=False):
     """Open a source of guest content (raw or qcow2, read-only); a Source (close it). A qcow2
     source with a backing file is refused unless `allow_backing` (the chain is trusted)."""
-    from .source import open_source as _open
+    from .copy.source import open_source as _open
     if source_format not in ("raw", "qcow2"):
         raise Qcow2Error("source_format: %r is not raw or qcow2 (the format of a source is never "
                          "guessed)" % (source_format,), option="source_format")
@@ -139,7 +139,7 @@ def source_options(path, values, source):
     if values.get("size") is None:
         values["size"] = source.size
     opts = parse_options(path, values)
-    from .convert import check_source_fits
+    from .copy.convert import check_source_fits
     check_source_fits(opts, source)
     return opts
 
@@ -148,12 +148,12 @@ def create_from(path, values, source, source_format, replace=False, mode=0o644,
                 allow_backing=False):
     """Create the image at `path` with the guest content of a source. Returns a dict. A qcow2
     source's backing chain is flattened only with `allow_backing`, else refused."""
-    from .convert import create_from_source
+    from .copy.convert import create_from_source
     nodes.check_node(path)
     src = open_source(source, source_format, allow_backing=allow_backing)
     try:
         if replace and os.path.lexists(path):
-            from . import lock
+            from .read import lock
             if _in_use(lock, path):
                 raise Qcow2Error("%s: the image is in use by a running QEMU; it is not replaced"
                                  % path, path=path)
@@ -174,7 +174,7 @@ def create(path, values, replace=False, mode=0o644, check_backing=True):
         _check_backing(path, opts.backing_file)
     device = is_block_device(path)
     if replace and os.path.lexists(path):
-        from . import lock
+        from .read import lock
         if _in_use(lock, path):
             raise Qcow2Error("%s: the image is in use by a running QEMU; it is not replaced"
                              % path, path=path)
@@ -210,7 +210,7 @@ def raise_preallocation(path, current, target):
 
 def reclaim_leaks(path):
     """Reclaim clusters leaked at the end of the file (what an interrupted run leaves)."""
-    from .reclaim import reclaim_leaks as _reclaim
+    from .edit.reclaim import reclaim_leaks as _reclaim
     return _reclaim(path)
 
 
@@ -219,7 +219,7 @@ def add_leftover_cleanup(path, decision, started=None):
     image's directory (not locked by a live writer, older than this run): those of `path`'s own
     name on every run (they belong to the declared image), the directory's others when this run
     writes there anyway. Reads only; check mode shows the same action."""
-    from . import leftovers
+    from .read import leftovers
     if decision.failure or (decision.conflicts and not decision.actions):
         return decision
     found = leftovers.find(path, same_name_only=not decision.actions, started=started)
@@ -274,7 +274,7 @@ def preflight_create(path, values, replace=False, source=None, source_format=Non
     unless `allow_backing`), free space. Reads only."""
     nodes.check_node(path)
     if source is not None:
-        from .convert import check_space as check_copy_space
+        from .copy.convert import check_space as check_copy_space
         src = open_source(source, source_format, allow_backing=allow_backing)
         try:
             opts = source_options(path, values, src)
@@ -315,8 +315,8 @@ def preflight(path, decision, expected=None):
     Reads only; check mode runs it so its prediction matches the real run. `expected` is the
     identity observe() recorded: what is at `path` now must still be that file. A creation's
     resolved options complete `decision.after`."""
-    from .editor import guard_image
-    from .image import Image
+    from .edit.editor import guard_image
+    from .read.image import Image
     nodes.check_identity(path, expected)
     for action in decision.actions:
         if action.kind in ("create", "recreate"):
@@ -337,8 +337,8 @@ def preflight(path, decision, expected=None):
     reason = _not_writable_reason(path)
     if reason:
         raise Qcow2Error("%s: cannot be changed in place: %s" % (path, reason), path=path)
-    from .image import DECODE_ERRORS
-    from .l2runs import RefcountError
+    from .read.image import DECODE_ERRORS
+    from .format.l2runs import RefcountError
     with Image.open(path) as img:
         nodes.check_fd_identity(path, os.fstat(img.fd), expected)
         guard_image(img, path)
@@ -360,8 +360,8 @@ def observe(path, with_check=False, size=None):
 
     Never writes and takes no lock, so it works on images a running VM holds.
     """
-    from . import inspector
-    from . import lock
+    from .read import inspector
+    from .read import lock
     # Looked at with lstat before anything opens it: a FIFO, socket, character device,
     # directory or symbolic link is refused with its name, never opened.
     st = nodes.check_node(path)
@@ -495,15 +495,15 @@ def _apply_one(path, action, mode):
     if action.kind == "raise_preallocation":
         return raise_preallocation(path, action.args["current"], action.args["target"])
     if action.kind == "upgrade_compat":
-        from .amend import upgrade_compat
+        from .edit.amend import upgrade_compat
         return {"changed": upgrade_compat(path)}
     if action.kind == "lazy_refcounts":
-        from .amend import set_lazy_refcounts
+        from .edit.amend import set_lazy_refcounts
         return {"changed": set_lazy_refcounts(path, action.args["enabled"])}
     if action.kind == "reclaim_leaks":
         return reclaim_leaks(path)
     if action.kind == "remove_leftovers":
-        from . import leftovers
+        from .read import leftovers
         return {"removed_leftovers": leftovers.remove(path, action.args["entries"],
                                                       started=action.args.get("started"))}
     raise Qcow2Error("internal error: unknown action %s" % action.kind)
@@ -511,7 +511,7 @@ def _apply_one(path, action, mode):
 
 def _remove_unheld(path):
     """Remove an image unless a QEMU holds it (checked while we hold its lock)."""
-    from .lock import WriteLock
+    from .read.lock import WriteLock
     # Opened without following a link and without blocking; only a regular file or a block
     # device is opened, and only the file that was inspected is removed (compared on the
     # descriptor and again on the name right before the unlink).
@@ -550,7 +550,7 @@ def public_view(observed, vet_path=None, max_size=None):
     else:
         view = _qcow2_view(observed)
     if vet_path is not None:
-        from . import vetting
+        from .read import vetting
         limit = vetting.DEFAULT_MAX_SIZE if max_size is None else max_size
         view["unsafe_reasons"] = vetting.unsafe_reasons(observed, vetting.read_probe(vet_path),
                                                         limit)

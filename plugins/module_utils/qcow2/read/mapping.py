@@ -8,11 +8,11 @@ import errno
 import os
 import struct
 
-from . import constants as C
-from .errors import Qcow2Error
+from ..format import constants as C
+from ..format.errors import Qcow2Error
 from .image import Opened, guard, st_blocks_bytes
-from .l2runs import (COMPRESSED, L2_BITMAP_ALL_ALLOC, L2_BITMAP_ALL_ZERO, NORMAL, UNALLOCATED,
-                     ZERO_ALLOC, ZERO_PLAIN, ceil_div, decode_refblock, zeros)
+from ..format.l2runs import (COMPRESSED, L2_BITMAP_ALL_ALLOC, L2_BITMAP_ALL_ZERO, NORMAL, UNALLOCATED,
+                             ZERO_ALLOC, ZERO_PLAIN, ceil_div, decode_refblock, zeros)
 
 __all__ = ["block_map", "guest_runs"]
 

@@ -19,7 +19,7 @@ hundred thousand), never to the virtual size.
 
 import struct
 
-from .errors import Qcow2Error
+from ..format.errors import Qcow2Error
 
 EAGAIN = "EAGAIN"
 

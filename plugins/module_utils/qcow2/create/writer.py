@@ -22,9 +22,9 @@ import stat
 import time
 
 from . import fileops
-from . import leftovers
-from . import nodes
-from .errors import Qcow2Error
+from ..read import leftovers
+from ..read import nodes
+from ..format.errors import Qcow2Error
 from .planner import metadata_chunks
 
 WRITE_BUFFER = 8 * 1024 * 1024

@@ -21,7 +21,7 @@ offsets stay below 2**56.
 
 import struct
 
-from .allocator import div_round_up
+from ..create.allocator import div_round_up
 
 CHUNK_BYTES = 8 * 1024 * 1024
 
