@@ -21,7 +21,7 @@ import stat
 import struct
 
 from ..format import constants as C
-from ..create.allocator import div_round_up
+from ..format.tables import div_round_up
 from ..read.check import check
 from ..format.errors import Qcow2Error
 from ..read.image import DECODE_ERRORS, Image

@@ -16,7 +16,7 @@ See `resize` for the rules in prose.
 import struct
 
 from ..format import constants as C
-from ..create.allocator import div_round_up
+from ..format.tables import div_round_up
 from ..format.errors import Qcow2Error
 from ..format.l2runs import (COMPRESSED, L2_BITMAP_ALL_ALLOC, L2_BITMAP_ALL_ZERO, NORMAL, ZERO_ALLOC,
                              ZERO_PLAIN, zeros)

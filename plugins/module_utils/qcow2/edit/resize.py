@@ -39,7 +39,7 @@ import struct
 
 from ..format import constants as C
 from ..create import fileops
-from ..create.allocator import div_round_up
+from ..format.tables import div_round_up
 from .editor import editing
 from ..format.errors import Qcow2Error
 from .guest_rules import plan_fill, plan_grow, plan_shrink
