@@ -15,11 +15,11 @@ from .format import constants as C
 from .format.errors import Qcow2Error
 from .format.header import decode_cluster0
 from .format.options import CreateOptions, check_backing_fmt
-from .create.planner import plan_create
-from .edit import guest_rules
 from .read import nodes
-from .edit import resize
-from .create import writer
+
+# Only what observing and deciding need is imported here: the code that creates, edits or
+# copies an image is imported inside the functions that use it, so a run that finds the image
+# as declared never loads it (see docs/development.md, "Lazy by layout").
 
 
 def resolve_relative(image_path, name):
@@ -89,6 +89,7 @@ def parse_options(path, values):
 
 def plan_for(path, opts):
     """The plan a create at `path` would apply (a device gets zero flags)."""
+    from .create.planner import plan_create
     return plan_create(opts, zero_flag=is_block_device(path))
 
 
@@ -166,6 +167,8 @@ def create_from(path, values, source, source_format, replace=False, mode=0o644,
 
 def create(path, values, replace=False, mode=0o644, check_backing=True):
     """Create a qcow2 image at `path` from option values (dict). Returns a result dict."""
+    from .create import writer
+    from .create.planner import plan_create
     # A link at the image path is never followed nor replaced; a FIFO, socket, character
     # device or directory is never opened nor replaced.
     nodes.check_node(path)
@@ -197,6 +200,7 @@ def create(path, values, replace=False, mode=0o644, check_backing=True):
 def grow(path, size, mode="off"):
     """Raise the virtual size in place; the new range reads zeros and is preallocated per
     `mode`."""
+    from .edit import resize
     return resize.grow(path, size, mode)
 
 
@@ -205,6 +209,7 @@ def raise_preallocation(path, current, target):
     order = C.PREALLOC_MODES
     if order.index(target) <= order.index(current):
         return {"changed": False}
+    from .edit import resize
     return {"changed": True, "steps": resize.raise_level(path, current, target)}
 
 
@@ -300,6 +305,7 @@ def preflight_create(path, values, replace=False, source=None, source_format=Non
         _check_backing(path, opts.backing_file)
     if opts.data_file:
         _check_directory(resolve_relative(path, opts.data_file), "create the data file")
+    from .create import writer
     writer.check_space(os.path.dirname(os.path.abspath(path)), plan_for(path, opts))
     return opts
 
@@ -315,8 +321,6 @@ def preflight(path, decision, expected=None):
     Reads only; check mode runs it so its prediction matches the real run. `expected` is the
     identity observe() recorded: what is at `path` now must still be that file. A creation's
     resolved options complete `decision.after`."""
-    from .edit.editor import guard_image
-    from .read.image import Image
     nodes.check_identity(path, expected)
     for action in decision.actions:
         if action.kind in ("create", "recreate"):
@@ -337,8 +341,10 @@ def preflight(path, decision, expected=None):
     reason = _not_writable_reason(path)
     if reason:
         raise Qcow2Error("%s: cannot be changed in place: %s" % (path, reason), path=path)
-    from .read.image import DECODE_ERRORS
+    from .edit import guest_rules
+    from .edit.editor import guard_image
     from .format.l2runs import RefcountError
+    from .read.image import DECODE_ERRORS, Image
     with Image.open(path) as img:
         nodes.check_fd_identity(path, os.fstat(img.fd), expected)
         guard_image(img, path)
@@ -491,6 +497,7 @@ def _apply_one(path, action, mode):
     if action.kind == "grow":
         return grow(path, action.args["size"], action.args["mode"])
     if action.kind == "shrink":
+        from .edit import resize
         return resize.shrink(path, action.args["size"])
     if action.kind == "raise_preallocation":
         return raise_preallocation(path, action.args["current"], action.args["target"])
