@@ -526,7 +526,7 @@ def test_python39(tmp_path):
     qemu_io(path, "write -P 1 0 64k")
     script = (
         "import sys, json; sys.path.insert(0, %r)\n"
-        "from qcow2 import inspector as I\n"
+        "from qcow2.read import inspector as I\n"
         "p = %r\n"
         "print(json.dumps([I.info(p), I.check(p), I.block_map(p), I.allocation_state(p)]))\n"
         % (os.path.abspath(_MODULE_UTILS), path))
