@@ -366,8 +366,10 @@ def observe(path, with_check=False, size=None):
 
     Never writes and takes no lock, so it works on images a running VM holds.
     """
-    from .read import inspector
     from .read import lock
+    from .read.allocation import allocation_state, chain_data_end, tail_leaks
+    from .read.image import Image
+    from .read.info import info as image_info
     # Looked at with lstat before anything opens it: a FIFO, socket, character device,
     # directory or symbolic link is refused with its name, never opened.
     st = nodes.check_node(path)
@@ -375,7 +377,7 @@ def observe(path, with_check=False, size=None):
         return None
     seen = {"identity": nodes.identity(st), "node": nodes.describe(st.st_mode)}
     try:
-        image = inspector.Image.open(path)
+        image = Image.open(path)
     except Qcow2Error as exc:
         nodes.check_identity(path, seen["identity"])
         out = {"qcow2": False, "reason": str(exc), "format": "unknown",
@@ -385,10 +387,10 @@ def observe(path, with_check=False, size=None):
     try:
         # What was read is what was looked at (the path was not swapped in between).
         nodes.check_fd_identity(path, os.fstat(image.fd), seen["identity"])
-        info = inspector.info(path, image=image)
-        state = inspector.allocation_state(path, image=image)
+        info = image_info(path, image=image)
+        state = allocation_state(path, image=image)
         try:
-            tail = inspector.tail_leaks(path, image=image)
+            tail = tail_leaks(path, image=image)
         except Qcow2Error:
             tail = {"scanned": False}   # damage the scan trips on is for check to report
         data = info["format-specific"]["data"]
@@ -427,12 +429,13 @@ def observe(path, with_check=False, size=None):
             # Only asked when a smaller size is declared: where the guest's data ends.
             # For an overlay the backing chain's data counts too.
             try:
-                out["data_end"] = inspector.chain_data_end(image)
+                out["data_end"] = chain_data_end(image)
             except Qcow2Error as exc:
                 out["data_end"] = None
                 out["data_end_unknown"] = str(exc)
         if with_check:
-            result = inspector.check(path, image=image)
+            from .read.check import check     # the consistency check only when asked for
+            result = check(path, image=image)
             out["check"] = {
                 "check_errors": result.get("check-errors", 0),
                 "corruptions": result.get("corruptions", 0),
