@@ -57,8 +57,8 @@ def _imports(name, path):
                     "%s:%d imports %s absolutely" % (path, node.lineno, node.module)
                 continue
             base = package[:len(package) - (node.level - 1)] if node.level > 1 else package
-            assert node.level - 1 <= len(package), "%s:%d: import above qcow2" % (path,
-                                                                                   node.lineno)
+            assert node.level - 1 <= len(package), \
+                "%s:%d: import above qcow2" % (path, node.lineno)
             target = base + (node.module.split(".") if node.module else [])
             for alias in node.names:
                 whole = ".".join(target + [alias.name])

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 # Copyright (c) 2026 vdisk.qcow2 developers
 # GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
 # SPDX-License-Identifier: GPL-3.0-or-later
@@ -134,7 +133,7 @@ def declaration(image):
 def run(zip_path, image, declared, profile=None):
     cmd = [sys.executable, "-B", "-c", CHILD, zip_path, image, json.dumps(declared),
            "1" if profile else "0"] + ([profile] if profile else [])
-    out = subprocess.run(cmd, capture_output=True, text=True)
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode:
         sys.exit(out.stderr)
     return json.loads(out.stdout)
@@ -142,8 +141,8 @@ def run(zip_path, image, declared, profile=None):
 
 # What a profile's time is spent on: (label, predicate over (file, function name)).
 CATEGORIES = [
-    ("compile (zipimport, source to code)", lambda f, n: n in ("<built-in method builtins.compile>",
-                                                              "_compile_source")),
+    ("compile (zipimport, source to code)",
+     lambda f, n: n in ("<built-in method builtins.compile>", "_compile_source")),
     ("L1/L2 table reads and decoding", lambda f, n: n in ("guest_runs",)),
     ("FIEMAP / SEEK_DATA of the host ranges", lambda f, n: n in ("_fiemap", "seek_segments")),
     ("header, extensions, refcount table (Image.open)", lambda f, n: n == "open" and
@@ -151,9 +150,9 @@ CATEGORIES = [
     ("tail leak scan", lambda f, n: n == "tail_leaks"),
     ("lock probe", lambda f, n: n == "_in_use"),
     ("leftover search", lambda f, n: n == "add_leftover_cleanup"),
-    ("stat, lstat, fstat calls", lambda f, n: n in ("<built-in method posix.stat>",
-                                                   "<built-in method posix.lstat>",
-                                                   "<built-in method posix.fstat>")),
+    ("stat, lstat, fstat calls",
+     lambda f, n: n in ("<built-in method posix.stat>", "<built-in method posix.lstat>",
+                        "<built-in method posix.fstat>")),
     ("result building (public_view, json)", lambda f, n: n in ("public_view", "dumps")),
 ]
 
@@ -172,7 +171,7 @@ def categorise(stats_path):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", maxsplit=1)[0])
     parser.add_argument("image")
     parser.add_argument("--tree", action="append")
     parser.add_argument("--rounds", type=int, default=7)
@@ -186,8 +185,8 @@ def main():
                 for i, tree in enumerate(trees)]
         for zip_path in zips:
             run(zip_path, image, declared)      # page cache warm, as on a re-run
-        rounds = [[] for _ in trees]
-        for _ in range(args.rounds):
+        rounds = [[] for _tree in trees]
+        for _round in range(args.rounds):
             for i, zip_path in enumerate(zips):
                 rounds[i].append(run(zip_path, image, declared))
         for tree, zip_path, done in zip(trees, zips, rounds):
@@ -213,6 +212,7 @@ def main():
                 print("  cProfile of one round (cumulative, with the profiler's overhead):")
                 for label, seconds in categorise(stats):
                     print("    %-50s %8.1f ms" % (label, 1000 * seconds))
+
 
 if __name__ == "__main__":
     main()

@@ -446,9 +446,7 @@ def observe(path, with_check=False, size=None):
             }
         return out
     finally:
-        close = getattr(image, "close", None)
-        if close:
-            close()
+        image.close()
 
 
 def _in_use(lock, path):
