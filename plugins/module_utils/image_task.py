@@ -13,9 +13,9 @@ import traceback
 
 from ansible_collections.vdisk.qcow2.plugins.module_utils import module_support
 from ansible_collections.vdisk.qcow2.plugins.module_utils.qcow2 import api
-from ansible_collections.vdisk.qcow2.plugins.module_utils.qcow2 import nodes
+from ansible_collections.vdisk.qcow2.plugins.module_utils.qcow2.read import nodes
 from ansible_collections.vdisk.qcow2.plugins.module_utils.qcow2 import reconcile
-from ansible_collections.vdisk.qcow2.plugins.module_utils.qcow2.errors import Qcow2Error
+from ansible_collections.vdisk.qcow2.plugins.module_utils.qcow2.format.errors import Qcow2Error
 
 
 def argument_spec():

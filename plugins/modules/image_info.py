@@ -271,8 +271,8 @@ import traceback
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.vdisk.qcow2.plugins.module_utils.qcow2 import api
-from ansible_collections.vdisk.qcow2.plugins.module_utils.qcow2.errors import Qcow2Error
-from ansible_collections.vdisk.qcow2.plugins.module_utils.qcow2.options import parse_size
+from ansible_collections.vdisk.qcow2.plugins.module_utils.qcow2.format.errors import Qcow2Error
+from ansible_collections.vdisk.qcow2.plugins.module_utils.qcow2.format.options import parse_size
 
 
 def main():

@@ -25,8 +25,8 @@ import oracle
 from oracle import run
 
 from qcow2 import api
-from qcow2 import constants as C
-from qcow2.errors import Qcow2Error
+from qcow2.format import constants as C
+from qcow2.format.errors import Qcow2Error
 
 MiB = 1 << 20
 DEVICE_SIZE = 64 * MiB

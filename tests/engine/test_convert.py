@@ -30,7 +30,7 @@ import pytest
 import oracle
 import template_sources as T
 from qcow2 import api
-from qcow2.errors import Qcow2Error
+from qcow2.format.errors import Qcow2Error
 
 MiB = 1 << 20
 MODES = ("off", "metadata", "falloc", "full")
@@ -493,7 +493,7 @@ METHOD_WORDS = {"off": "copy", "metadata": "copy", "falloc": "copy-fallocate",
 def test_copy_method_is_a_documented_word(tmp_path, mode):
     """`method` is one word of writer.METHODS (a playbook may branch on it); the prose of
     what ran is in `method_detail`."""
-    from qcow2 import writer
+    from qcow2.create import writer
     src = tmp_path / "src.raw"
     with open(str(src), "wb") as handle:
         handle.truncate(4 * MiB)
@@ -507,7 +507,7 @@ def test_copy_method_is_a_documented_word(tmp_path, mode):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_create_and_grow_methods_are_documented_words(tmp_path, mode):
-    from qcow2 import writer
+    from qcow2.create import writer
     path = str(tmp_path / "new.qcow2")
     out = api.create(path, {"size": 4 * MiB, "preallocation": mode})
     assert out["method"] == {"off": "sparse", "metadata": "sparse", "falloc": "fallocate",
@@ -518,7 +518,7 @@ def test_create_and_grow_methods_are_documented_words(tmp_path, mode):
 
 def test_fallocate_refused_is_zero_writes_and_said(tmp_path, monkeypatch):
     import errno as _errno
-    from qcow2 import fileops
+    from qcow2.create import fileops
 
     def refuse(*_args):
         raise OSError(_errno.EOPNOTSUPP, "not supported")

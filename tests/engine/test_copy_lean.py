@@ -32,7 +32,8 @@ import random
 import pytest
 
 import oracle
-from qcow2 import api, inspector
+from qcow2 import api
+from qcow2.read import inspector
 
 MiB = 1 << 20
 KiB = 1 << 10
@@ -201,7 +202,7 @@ def _reference_runs(data, block):
 def test_zero_scan_matches_a_block_by_block_reference():
     """zeroscan.nonzero_runs (fast path included) against the plain block-by-block scan,
     short odd ends included; and the subcluster bitmaps of a few runs."""
-    from qcow2 import zeroscan
+    from qcow2.create import zeroscan
     rng = random.Random(180)
     for _case in range(1500):
         block = rng.choice((512, 2048, 4096))

@@ -30,8 +30,9 @@ from guest_states import (BASE, BY_NAME, IMG, KiB, MiB, STATES, base, build_step
                           image, qemu_io)
 from oracle import qemu_check, qemu_info, run
 
-from qcow2 import amend, api, reconcile
-from qcow2.errors import Qcow2Error
+from qcow2.edit import amend
+from qcow2 import api, reconcile
+from qcow2.format.errors import Qcow2Error
 
 pytestmark = pytest.mark.skipif((oracle.QEMU_IMG is None or oracle.QEMU_IO is None)
                                 and not os.environ.get("CI"),

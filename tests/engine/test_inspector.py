@@ -20,9 +20,9 @@ _MODULE_UTILS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "
 if _MODULE_UTILS not in sys.path:
     sys.path.insert(0, _MODULE_UTILS)
 
-from qcow2 import check as check_module  # noqa: E402
-from qcow2 import inspector  # noqa: E402
-from qcow2.errors import Qcow2Error  # noqa: E402
+from qcow2.read import check as check_module  # noqa: E402
+from qcow2.read import inspector  # noqa: E402
+from qcow2.format.errors import Qcow2Error  # noqa: E402
 
 try:
     from hypothesis import HealthCheck, given, settings, strategies as st
@@ -526,7 +526,7 @@ def test_python39(tmp_path):
     qemu_io(path, "write -P 1 0 64k")
     script = (
         "import sys, json; sys.path.insert(0, %r)\n"
-        "from qcow2 import inspector as I\n"
+        "from qcow2.read import inspector as I\n"
         "p = %r\n"
         "print(json.dumps([I.info(p), I.check(p), I.block_map(p), I.allocation_state(p)]))\n"
         % (os.path.abspath(_MODULE_UTILS), path))

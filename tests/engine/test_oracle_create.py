@@ -18,9 +18,10 @@ import pytest
 import oracle
 from oracle import COUNTS, assert_clean, map_meaning, qemu_create, qemu_info, qemu_map, run
 
-from qcow2 import api, inspector
-from qcow2.constants import max_virtual_size
-from qcow2.errors import Qcow2Error
+from qcow2 import api
+from qcow2.read import inspector
+from qcow2.format.constants import max_virtual_size
+from qcow2.format.errors import Qcow2Error
 
 pytestmark = pytest.mark.skipif(oracle.QEMU_IMG is None and not os.environ.get("CI"),
                                 reason="qemu-img not installed (CI installs it)")

@@ -78,8 +78,9 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import oracle  # noqa: E402
-from qcow2 import editor, inspector  # noqa: E402
-from qcow2.errors import Qcow2Error  # noqa: E402
+from qcow2.edit import editor  # noqa: E402
+from qcow2.read import inspector  # noqa: E402
+from qcow2.format.errors import Qcow2Error  # noqa: E402
 
 SECRET = ["--object", "secret,id=sec0,data=pw"]
 

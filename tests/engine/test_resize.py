@@ -10,8 +10,9 @@ import pytest
 import oracle
 from oracle import COUNTS, assert_clean, qemu_create, qemu_info, qemu_map, run
 
-from qcow2 import api, inspector
-from qcow2.errors import Qcow2Error
+from qcow2 import api
+from qcow2.read import inspector
+from qcow2.format.errors import Qcow2Error
 
 pytestmark = pytest.mark.skipif(oracle.QEMU_IMG is None and not os.environ.get("CI"),
                                 reason="qemu-img not installed (CI installs it)")
@@ -163,7 +164,7 @@ def test_modifying_an_image_qemu_holds_is_refused(tmp_path):
     holder = subprocess.Popen([oracle.QEMU_IO, "-c", "sleep 30000", str(path)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        from qcow2 import lock
+        from qcow2.read import lock
         deadline = time.time() + 10
         while not lock.probe(str(path))["in_use"] and time.time() < deadline:
             time.sleep(0.05)
@@ -180,7 +181,7 @@ def test_modifying_an_image_qemu_holds_is_refused(tmp_path):
 
 @pytest.mark.parametrize("cs", [4096, 65536])
 def test_compat_upgrade_and_lazy_refcounts_in_place(tmp_path, cs):
-    from qcow2 import amend
+    from qcow2.edit import amend
     path = tmp_path / "v2.qcow2"
     api.create(str(path), {"size": "64M", "compat": "0.10", "cluster_size": cs,
                            "backing_file": "base.qcow2", "backing_fmt": "qcow2"},

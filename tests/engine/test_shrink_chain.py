@@ -15,7 +15,7 @@ import pytest
 from oracle import QEMU_IMG, QEMU_IO, run, unavailable
 
 from qcow2 import api, reconcile
-from qcow2.errors import Qcow2Error
+from qcow2.format.errors import Qcow2Error
 
 MiB = 1 << 20
 
@@ -87,7 +87,7 @@ def test_base_data_past_the_new_end_refuses(tmp_path, fmt):
     assert after is None and not decision.actions
     assert guest(path, tmp_path, "after") == before
     # The engine's own guard refuses too, whoever calls it.
-    from qcow2 import resize
+    from qcow2.edit import resize
     with pytest.raises(Qcow2Error) as err:
         resize.shrink(path, 32 * MiB)
     assert "guest data lies up to byte" in str(err.value)
@@ -156,6 +156,6 @@ def test_unreadable_base_refuses(tmp_path, defect):
     _decision, predicted, after = decide_and_run(path, "32M")
     assert predicted and "cannot be told" in predicted, predicted
     assert after is None
-    from qcow2 import resize
+    from qcow2.edit import resize
     with pytest.raises(Qcow2Error):
         resize.shrink(path, 32 * MiB)

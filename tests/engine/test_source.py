@@ -25,11 +25,12 @@ import pytest
 import oracle
 from oracle import run
 
-from qcow2 import constants as C
-from qcow2 import lock, source
-from qcow2.errors import Qcow2Error
-from qcow2.image import Image
-from qcow2.source import open_source
+from qcow2.format import constants as C
+from qcow2.read import lock
+from qcow2.copy import source
+from qcow2.format.errors import Qcow2Error
+from qcow2.read.image import Image
+from qcow2.copy.source import open_source
 
 pytestmark = pytest.mark.skipif((oracle.QEMU_IMG is None or oracle.QEMU_IO is None)
                                 and not os.environ.get("CI"),

@@ -20,9 +20,11 @@ import pytest
 import oracle
 from oracle import assert_clean, run
 
-from qcow2 import api, reconcile, source, vetting
-from qcow2 import constants as C
-from qcow2.errors import Qcow2Error
+from qcow2 import api, reconcile
+from qcow2.copy import source
+from qcow2.read import vetting
+from qcow2.format import constants as C
+from qcow2.format.errors import Qcow2Error
 
 pytestmark = pytest.mark.skipif(oracle.QEMU_IMG is None and not os.environ.get("CI"),
                                 reason="qemu-img not installed (CI installs it)")
@@ -286,7 +288,7 @@ def test_vetting_header_bits_and_size(tmp_path, qemu_img):
 
 
 def test_vetting_check_corruptions(tmp_path, qemu_img):
-    from qcow2.image import Image
+    from qcow2.read.image import Image
     damaged = str(tmp_path / "damaged.qcow2")
     qimg("create", "-q", "-f", "qcow2", damaged, "1M")
     if oracle.QEMU_IO is None:

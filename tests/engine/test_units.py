@@ -7,14 +7,14 @@ import struct
 
 import pytest
 
-from qcow2 import constants as C
-from qcow2.allocator import QemuCreateModel, pack_refcounts, refcount_metadata_size
-from qcow2.errors import Qcow2Error
-from qcow2.header import Header, decode_cluster0, encode_cluster0, standard_extensions
-from qcow2.options import CreateOptions, parse_size
-from qcow2.planner import metadata_chunks, plan_create
-from qcow2.refcounts import get_refcount, set_refcount
-from qcow2.tables import ones_refblocks, progression, refcount_runs
+from qcow2.format import constants as C
+from qcow2.create.allocator import QemuCreateModel, pack_refcounts, refcount_metadata_size
+from qcow2.format.errors import Qcow2Error
+from qcow2.format.header import Header, decode_cluster0, encode_cluster0, standard_extensions
+from qcow2.format.options import CreateOptions, parse_size
+from qcow2.create.planner import metadata_chunks, plan_create
+from qcow2.format.refcounts import get_refcount, set_refcount
+from qcow2.format.tables import ones_refblocks, progression, refcount_runs
 
 
 def test_header_round_trip_v3_with_extensions():
@@ -259,7 +259,7 @@ def test_vectored_write_survives_short_writes_and_missing_pwritev(tmp_path, monk
     vector, and fall back to one joined write where os.pwritev does not exist."""
     import os
 
-    from qcow2 import writer
+    from qcow2.create import writer
 
     pieces = [bytes([i]) * (1000 + 37 * i) for i in range(1, 40)]
     expect = b"".join(pieces)
@@ -294,7 +294,7 @@ def test_zero_writes_start_writeback_on_every_buffer(tmp_path, monkeypatch):
     buffer two behind (drop its clean pages), and the bytes are zeros where asked."""
     import os
 
-    from qcow2 import writer
+    from qcow2.create import writer
 
     monkeypatch.setattr(writer, "ZERO_BUFFER", 4096)
     advice = []
@@ -349,7 +349,7 @@ def test_l2_progression_test_agrees_with_entry_by_entry(cluster_bits, entry_size
     on tables cut short, with flags, and on tables with one bit flipped anywhere."""
     import random
 
-    from qcow2 import l2runs
+    from qcow2.format import l2runs
 
     rnd = random.Random(cluster_bits * 100 + entry_size)
     cs = 1 << cluster_bits
@@ -387,7 +387,7 @@ def test_l2_progression_test_agrees_with_entry_by_entry(cluster_bits, entry_size
 
 
 def test_l2_progression_matcher_declines_what_it_cannot_do_cheaply():
-    from qcow2 import l2runs
+    from qcow2.format import l2runs
 
     cs = 1 << 16
     matcher = l2runs._ProgressionMatcher(16, 16)
@@ -410,7 +410,7 @@ def test_progression_from_template_equals_struct(cluster_bits, entry_size):
     struct packs, across template periods, high-byte carries and every start alignment."""
     import random
 
-    from qcow2 import tables
+    from qcow2.format import tables
 
     rnd = random.Random(cluster_bits * 10 + entry_size)
     step = 1 << cluster_bits

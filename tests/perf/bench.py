@@ -42,7 +42,7 @@ TOOL = [sys.executable, os.path.join(ROOT, "tools", "qcow2")]
 QEMU_IMG = shutil.which("qemu-img")
 
 sys.path.insert(0, os.path.join(ROOT, "plugins", "module_utils"))
-from qcow2 import fileops  # noqa: E402  (the engine's own SEEK_DATA/SEEK_HOLE walk)
+from qcow2.create import fileops  # noqa: E402  (the engine's own SEEK_DATA/SEEK_HOLE walk)
 
 GiB = 1 << 30
 TiB = 1 << 40

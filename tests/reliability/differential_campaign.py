@@ -43,8 +43,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.abspath(os.path.join(HERE, os.pardir, os.pardir))
 sys.path.insert(0, os.path.join(ROOT, "plugins", "module_utils"))
 
-from qcow2 import inspector  # noqa: E402
-from qcow2.errors import Qcow2Error  # noqa: E402
+from qcow2.read import inspector  # noqa: E402
+from qcow2.format.errors import Qcow2Error  # noqa: E402
 
 QEMU_IMG = shutil.which("qemu-img")
 QEMU_IO = shutil.which("qemu-io")

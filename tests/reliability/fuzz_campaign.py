@@ -38,8 +38,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.abspath(os.path.join(HERE, os.pardir, os.pardir))
 sys.path.insert(0, os.path.join(ROOT, "plugins", "module_utils"))
 
-from qcow2 import api, inspector, reconcile  # noqa: E402
-from qcow2.errors import Qcow2Error  # noqa: E402
+from qcow2 import api, reconcile  # noqa: E402
+from qcow2.read import inspector  # noqa: E402
+from qcow2.format.errors import Qcow2Error  # noqa: E402
 
 CPU_LIMIT = 2.0  # seconds of CPU time (user + system) per input: the bound that counts
 WALL_LIMIT = 60.0  # seconds of wall-clock time per input: only a backstop for blocked inputs

@@ -32,8 +32,10 @@ ROOT = os.path.abspath(os.path.join(HERE, os.pardir, os.pardir))
 ENGINE = os.path.join(ROOT, "plugins", "module_utils")
 sys.path.insert(0, ENGINE)
 
-from qcow2 import api, inspector, reconcile, writer  # noqa: E402
-from qcow2.errors import Qcow2Error  # noqa: E402
+from qcow2 import api, reconcile  # noqa: E402
+from qcow2.read import inspector  # noqa: E402
+from qcow2.create import writer  # noqa: E402
+from qcow2.format.errors import Qcow2Error  # noqa: E402
 
 QEMU_IMG = "qemu-img"
 QEMU_IO = "qemu-io"
@@ -44,7 +46,8 @@ SUMMARY = {}
 CHILD = textwrap.dedent("""
     import os, signal, sys, json
     sys.path.insert(0, %(engine)r)
-    from qcow2 import api, fileops
+    from qcow2 import api
+    from qcow2.create import fileops
     kill_at, op, path, arg = int(sys.argv[1]), sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
     calls = [0]
     def wrap(func):
@@ -573,8 +576,12 @@ def test_permission_denied(request_cleanup):
         import os, sys
         sys.path.insert(0, %r)
         # Import everything first: the interpreter's own files may not be readable by nobody.
-        from qcow2 import api, writer, planner, options, fileops, lock, inspector, resize
-        from qcow2.errors import Qcow2Error
+        from qcow2 import api
+        from qcow2.create import writer, planner, fileops
+        from qcow2.format import options
+        from qcow2.read import lock, inspector
+        from qcow2.edit import resize
+        from qcow2.format.errors import Qcow2Error
         os.setgid(65534); os.setuid(65534)
         try:
             api.create(%r, {"size": "1M"})
@@ -594,7 +601,7 @@ def test_two_creates_racing_one_wins(tmp_path):
         import sys
         sys.path.insert(0, %r)
         from qcow2 import api
-        from qcow2.errors import Qcow2Error
+        from qcow2.format.errors import Qcow2Error
         try:
             api.create(%r, {"size": "256M", "preallocation": "full"})
             print("WON")
@@ -619,7 +626,8 @@ def test_qemu_started_during_our_grow_is_refused(tmp_path):
     code = textwrap.dedent("""
         import sys, time
         sys.path.insert(0, %r)
-        from qcow2 import fileops, api
+        from qcow2.create import fileops
+        from qcow2 import api
         real = fileops.fallocate
         import os
         slow_write = os.pwrite
@@ -633,7 +641,7 @@ def test_qemu_started_during_our_grow_is_refused(tmp_path):
     grower = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
                               universal_newlines=True)
     try:
-        from qcow2 import lock
+        from qcow2.read import lock
         seen = False
         for _i in range(400):
             if lock.probe(path)["in_use"]:
@@ -772,7 +780,7 @@ def test_enospc_convert_refused_up_front(small_fs, tmp_path):
 def test_enospc_mid_convert_cleans_up_and_keeps_the_old_image(small_fs, tmp_path, monkeypatch):
     """Forced past the space check, a copy that fills the filesystem fails cleanly: nothing
     left behind, an existing image untouched."""
-    from qcow2 import convert
+    from qcow2.copy import convert
     monkeypatch.setattr(convert, "check_space", lambda path, opts, source: None)
     small = template(tmp_path, "raw", size=16 * MiB)
     big = data_template(str(tmp_path / "big.raw"), 96 * MiB)

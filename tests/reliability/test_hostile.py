@@ -24,8 +24,9 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, os.pardir, os.pardir, "plugins", "module_utils"))
 
 import fuzz_campaign  # noqa: E402
-from qcow2 import api, inspector, reconcile  # noqa: E402
-from qcow2.errors import Qcow2Error  # noqa: E402
+from qcow2 import api, reconcile  # noqa: E402
+from qcow2.read import inspector  # noqa: E402
+from qcow2.format.errors import Qcow2Error  # noqa: E402
 
 FULL = bool(os.environ.get("VDISK_FULL_CAMPAIGN"))
 

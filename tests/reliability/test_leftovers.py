@@ -15,14 +15,16 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ENGINE = os.path.abspath(os.path.join(HERE, os.pardir, os.pardir, "plugins", "module_utils"))
 sys.path.insert(0, ENGINE)
 
-from qcow2 import api, leftovers, reconcile  # noqa: E402
+from qcow2 import api, reconcile  # noqa: E402
+from qcow2.read import leftovers  # noqa: E402
 
 # A create of a `full` image that stops (SIGSTOP) once its temporary file exists, so the test
 # can kill it there: what a killed `full` create leaves behind.
 _KILLED_CREATE = textwrap.dedent("""
     import os, sys, signal
     sys.path.insert(0, %r)
-    from qcow2 import api, writer
+    from qcow2 import api
+    from qcow2.create import writer
     real = writer.apply_to_fd
     def stop_then_write(fd, *args, **kwargs):
         os.pwrite(fd, b"x" * 65536, 0)

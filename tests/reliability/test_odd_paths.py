@@ -32,8 +32,9 @@ ROOT = os.path.abspath(os.path.join(HERE, os.pardir, os.pardir))
 ENGINE = os.path.join(ROOT, "plugins", "module_utils")
 sys.path.insert(0, ENGINE)
 
-from qcow2 import api, nodes, reconcile  # noqa: E402
-from qcow2.errors import Qcow2Error  # noqa: E402
+from qcow2 import api, reconcile  # noqa: E402
+from qcow2.read import nodes  # noqa: E402
+from qcow2.format.errors import Qcow2Error  # noqa: E402
 
 TIMEOUT = 30
 

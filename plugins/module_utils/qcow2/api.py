@@ -11,15 +11,15 @@ import os
 import stat
 import struct
 
-from . import constants as C
-from .errors import Qcow2Error
-from .header import decode_cluster0
-from .options import CreateOptions, check_backing_fmt
-from .planner import plan_create
-from . import guest_rules
-from . import nodes
-from . import resize
-from . import writer
+from .format import constants as C
+from .format.errors import Qcow2Error
+from .format.header import decode_cluster0
+from .format.options import CreateOptions, check_backing_fmt
+from .read import nodes
+
+# Only what observing and deciding need is imported here: the code that creates, edits or
+# copies an image is imported inside the functions that use it, so a run that finds the image
+# as declared never loads it (see docs/development.md, "Lazy by layout").
 
 
 def resolve_relative(image_path, name):
@@ -93,6 +93,7 @@ def parse_options(path, values, planned=None):
 
 def plan_for(path, opts):
     """The plan a create at `path` would apply (a device gets zero flags)."""
+    from .create.planner import plan_create
     return plan_create(opts, zero_flag=is_block_device(path))
 
 
@@ -139,7 +140,7 @@ def starts_with_qcow2_header(path):
 def open_source(source, source_format, allow_backing=False):
     """Open a source of guest content (raw or qcow2, read-only); a Source (close it). A qcow2
     source with a backing file is refused unless `allow_backing` (the chain is trusted)."""
-    from .source import open_source as _open
+    from .copy.source import open_source as _open
     if source_format not in ("raw", "qcow2"):
         raise Qcow2Error("source_format: %r is not raw or qcow2 (the format of a source is never "
                          "guessed)" % (source_format,), option="source_format")
@@ -152,7 +153,7 @@ def source_options(path, values, source):
     if values.get("size") is None:
         values["size"] = source.size
     opts = parse_options(path, values)
-    from .convert import check_source_fits
+    from .copy.convert import check_source_fits
     check_source_fits(opts, source)
     return opts
 
@@ -161,12 +162,12 @@ def create_from(path, values, source, source_format, replace=False, mode=0o644,
                 allow_backing=False):
     """Create the image at `path` with the guest content of a source. Returns a dict. A qcow2
     source's backing chain is flattened only with `allow_backing`, else refused."""
-    from .convert import create_from_source
+    from .copy.convert import create_from_source
     nodes.check_node(path)
     src = open_source(source, source_format, allow_backing=allow_backing)
     try:
         if replace and os.path.lexists(path):
-            from . import lock
+            from .read import lock
             if _in_use(lock, path):
                 raise Qcow2Error("%s: the image is in use by a running QEMU; it is not replaced"
                                  % path, path=path)
@@ -179,6 +180,8 @@ def create_from(path, values, source, source_format, replace=False, mode=0o644,
 
 def create(path, values, replace=False, mode=0o644, check_backing=True):
     """Create a qcow2 image at `path` from option values (dict). Returns a result dict."""
+    from .create import writer
+    from .create.planner import plan_create
     # A link at the image path is never followed nor replaced; a FIFO, socket, character
     # device or directory is never opened nor replaced.
     nodes.check_node(path)
@@ -187,7 +190,7 @@ def create(path, values, replace=False, mode=0o644, check_backing=True):
         _check_backing(path, opts.backing_file)
     device = is_block_device(path)
     if replace and os.path.lexists(path):
-        from . import lock
+        from .read import lock
         if _in_use(lock, path):
             raise Qcow2Error("%s: the image is in use by a running QEMU; it is not replaced"
                              % path, path=path)
@@ -210,6 +213,7 @@ def create(path, values, replace=False, mode=0o644, check_backing=True):
 def grow(path, size, mode="off"):
     """Raise the virtual size in place; the new range reads zeros and is preallocated per
     `mode`."""
+    from .edit import resize
     return resize.grow(path, size, mode)
 
 
@@ -218,12 +222,13 @@ def raise_preallocation(path, current, target):
     order = C.PREALLOC_MODES
     if order.index(target) <= order.index(current):
         return {"changed": False}
+    from .edit import resize
     return {"changed": True, "steps": resize.raise_level(path, current, target)}
 
 
 def reclaim_leaks(path):
     """Reclaim clusters leaked at the end of the file (what an interrupted run leaves)."""
-    from .reclaim import reclaim_leaks as _reclaim
+    from .edit.reclaim import reclaim_leaks as _reclaim
     return _reclaim(path)
 
 
@@ -232,7 +237,7 @@ def add_leftover_cleanup(path, decision, started=None):
     image's directory (not locked by a live writer, older than this run): those of `path`'s own
     name on every run (they belong to the declared image), the directory's others when this run
     writes there anyway. Reads only; check mode shows the same action."""
-    from . import leftovers
+    from .read import leftovers
     if decision.failure or (decision.conflicts and not decision.actions):
         return decision
     found = leftovers.find(path, same_name_only=not decision.actions, started=started)
@@ -287,7 +292,7 @@ def preflight_create(path, values, replace=False, source=None, source_format=Non
     unless `allow_backing`), free space. Reads only."""
     nodes.check_node(path)
     if source is not None:
-        from .convert import check_space as check_copy_space
+        from .copy.convert import check_space as check_copy_space
         src = open_source(source, source_format, allow_backing=allow_backing)
         try:
             opts = source_options(path, values, src)
@@ -314,6 +319,7 @@ def preflight_create(path, values, replace=False, source=None, source_format=Non
         _check_backing(path, opts.backing_file, planned)
     if opts.data_file:
         _check_directory(resolve_relative(path, opts.data_file), "create the data file")
+    from .create import writer
     writer.check_space(os.path.dirname(os.path.abspath(path)), plan_for(path, opts))
     return opts
 
@@ -332,8 +338,6 @@ def preflight(path, decision, expected=None, planned=None):
     maps the real path of a file that an earlier image of the same run makes, changes or
     removes to what it will be: None (removed) or {"format": ..., "virtual_size": N}; a
     backing file found there is taken as that, not looked up."""
-    from .editor import guard_image
-    from .image import Image
     nodes.check_identity(path, expected)
     for action in decision.actions:
         if action.kind in ("create", "recreate"):
@@ -355,8 +359,10 @@ def preflight(path, decision, expected=None, planned=None):
     reason = _not_writable_reason(path)
     if reason:
         raise Qcow2Error("%s: cannot be changed in place: %s" % (path, reason), path=path)
-    from .image import DECODE_ERRORS
-    from .l2runs import RefcountError
+    from .edit import guest_rules
+    from .edit.editor import guard_image
+    from .format.l2runs import RefcountError
+    from .read.image import DECODE_ERRORS, Image
     with Image.open(path) as img:
         nodes.check_fd_identity(path, os.fstat(img.fd), expected)
         guard_image(img, path)
@@ -378,8 +384,10 @@ def observe(path, with_check=False, size=None):
 
     Never writes and takes no lock, so it works on images a running VM holds.
     """
-    from . import inspector
-    from . import lock
+    from .read import lock
+    from .read.allocation import allocation_state, chain_data_end, tail_leaks
+    from .read.image import Image
+    from .read.info import info as image_info
     # Looked at with lstat before anything opens it: a FIFO, socket, character device,
     # directory or symbolic link is refused with its name, never opened.
     st = nodes.check_node(path)
@@ -387,7 +395,7 @@ def observe(path, with_check=False, size=None):
         return None
     seen = {"identity": nodes.identity(st), "node": nodes.describe(st.st_mode)}
     try:
-        image = inspector.Image.open(path)
+        image = Image.open(path)
     except Qcow2Error as exc:
         nodes.check_identity(path, seen["identity"])
         out = {"qcow2": False, "reason": str(exc), "format": "unknown",
@@ -397,10 +405,10 @@ def observe(path, with_check=False, size=None):
     try:
         # What was read is what was looked at (the path was not swapped in between).
         nodes.check_fd_identity(path, os.fstat(image.fd), seen["identity"])
-        info = inspector.info(path, image=image)
-        state = inspector.allocation_state(path, image=image)
+        info = image_info(path, image=image)
+        state = allocation_state(path, image=image)
         try:
-            tail = inspector.tail_leaks(path, image=image)
+            tail = tail_leaks(path, image=image)
         except Qcow2Error:
             tail = {"scanned": False}   # damage the scan trips on is for check to report
         data = info["format-specific"]["data"]
@@ -439,12 +447,13 @@ def observe(path, with_check=False, size=None):
             # Only asked when a smaller size is declared: where the guest's data ends.
             # For an overlay the backing chain's data counts too.
             try:
-                out["data_end"] = inspector.chain_data_end(image)
+                out["data_end"] = chain_data_end(image)
             except Qcow2Error as exc:
                 out["data_end"] = None
                 out["data_end_unknown"] = str(exc)
         if with_check:
-            result = inspector.check(path, image=image)
+            from .read.check import check     # the consistency check only when asked for
+            result = check(path, image=image)
             out["check"] = {
                 "check_errors": result.get("check-errors", 0),
                 "corruptions": result.get("corruptions", 0),
@@ -455,9 +464,7 @@ def observe(path, with_check=False, size=None):
             }
         return out
     finally:
-        close = getattr(image, "close", None)
-        if close:
-            close()
+        image.close()
 
 
 def _in_use(lock, path):
@@ -509,19 +516,20 @@ def _apply_one(path, action, mode):
     if action.kind == "grow":
         return grow(path, action.args["size"], action.args["mode"])
     if action.kind == "shrink":
+        from .edit import resize
         return resize.shrink(path, action.args["size"])
     if action.kind == "raise_preallocation":
         return raise_preallocation(path, action.args["current"], action.args["target"])
     if action.kind == "upgrade_compat":
-        from .amend import upgrade_compat
+        from .edit.amend import upgrade_compat
         return {"changed": upgrade_compat(path)}
     if action.kind == "lazy_refcounts":
-        from .amend import set_lazy_refcounts
+        from .edit.amend import set_lazy_refcounts
         return {"changed": set_lazy_refcounts(path, action.args["enabled"])}
     if action.kind == "reclaim_leaks":
         return reclaim_leaks(path)
     if action.kind == "remove_leftovers":
-        from . import leftovers
+        from .read import leftovers
         return {"removed_leftovers": leftovers.remove(path, action.args["entries"],
                                                       started=action.args.get("started"))}
     raise Qcow2Error("internal error: unknown action %s" % action.kind)
@@ -529,7 +537,7 @@ def _apply_one(path, action, mode):
 
 def _remove_unheld(path):
     """Remove an image unless a QEMU holds it (checked while we hold its lock)."""
-    from .lock import WriteLock
+    from .read.lock import WriteLock
     # Opened without following a link and without blocking; only a regular file or a block
     # device is opened, and only the file that was inspected is removed (compared on the
     # descriptor and again on the name right before the unlink).
@@ -568,7 +576,7 @@ def public_view(observed, vet_path=None, max_size=None):
     else:
         view = _qcow2_view(observed)
     if vet_path is not None:
-        from . import vetting
+        from .read import vetting
         limit = vetting.DEFAULT_MAX_SIZE if max_size is None else max_size
         view["unsafe_reasons"] = vetting.unsafe_reasons(observed, vetting.read_probe(vet_path),
                                                         limit)

@@ -9,9 +9,9 @@ declaration and returns the actions to take, the conflicts that need `force` (or
 (they only matter when an image is created).
 """
 
-from . import constants as C
-from .errors import Qcow2Error
-from .options import CreateOptions, parse_bool, parse_compat, parse_size, compat_name
+from .format import constants as C
+from .format.errors import Qcow2Error
+from .format.options import CreateOptions, parse_bool, parse_compat, parse_size, compat_name
 
 # Image properties the declaration may pin, in the order reports list them.
 COMPARED = ("cluster_size", "compat", "refcount_bits", "lazy_refcounts", "extended_l2",

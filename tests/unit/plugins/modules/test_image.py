@@ -124,7 +124,7 @@ def test_image_info(tmp_path, capsys):
 
 def _leak_clusters_at_end(path, count):
     """Do what a run killed mid-grow leaves: clusters counted at the end, linked to nothing."""
-    from ansible_collections.vdisk.qcow2.plugins.module_utils.qcow2 import editor, resize
+    from ansible_collections.vdisk.qcow2.plugins.module_utils.qcow2.edit import editor, resize
     with editor.editing(path) as ed:
         start, end, needed, reft = resize._solve_append(ed, count)
         ed.truncate(end * ed.cs)
@@ -154,7 +154,7 @@ def test_leaked_clusters_reclaimed_and_predicted(tmp_path, capsys):
 
 def test_failure_after_a_change_reports_changed(tmp_path, capsys, monkeypatch):
     from ansible_collections.vdisk.qcow2.plugins.module_utils.qcow2 import api
-    from ansible_collections.vdisk.qcow2.plugins.module_utils.qcow2.errors import Qcow2Error
+    from ansible_collections.vdisk.qcow2.plugins.module_utils.qcow2.format.errors import Qcow2Error
     path = str(tmp_path / "half.qcow2")
     run(image_module, capsys, path=path, size="16M")
 

@@ -18,7 +18,7 @@ import pytest
 from ansible.module_utils.testing import patch_module_args
 
 from ansible_collections.vdisk.qcow2.plugins.module_utils.qcow2 import api
-from ansible_collections.vdisk.qcow2.plugins.module_utils.qcow2 import lock
+from ansible_collections.vdisk.qcow2.plugins.module_utils.qcow2.read import lock
 from ansible_collections.vdisk.qcow2.plugins.modules import image as image_module
 
 PATTERN = b"\x5a" * 65536
@@ -78,8 +78,8 @@ def template(directory):
 
 def guest_writes(path):
     """The guest writes PATTERN at offset 0 (through the engine's model of the image)."""
-    from ansible_collections.vdisk.qcow2.plugins.module_utils.qcow2 import resize
-    from ansible_collections.vdisk.qcow2.plugins.module_utils.qcow2.image import Image
+    from ansible_collections.vdisk.qcow2.plugins.module_utils.qcow2.edit import resize
+    from ansible_collections.vdisk.qcow2.plugins.module_utils.qcow2.read.image import Image
     if api.observe(path)["preallocation"] == "off":
         resize.fill(path, "metadata")
     with Image.open(path) as img:
@@ -92,7 +92,7 @@ def guest_writes(path):
 
 
 def holds_pattern(path):
-    from ansible_collections.vdisk.qcow2.plugins.module_utils.qcow2.image import Image
+    from ansible_collections.vdisk.qcow2.plugins.module_utils.qcow2.read.image import Image
     with Image.open(path) as img:
         entry = img.l1_entry(0) & 0x00FFFFFFFFFFFE00
         if not entry:

@@ -115,11 +115,11 @@ def test_forced_recreate_diff_shows_destruction_and_keeps_a_backup(tmp_path, cap
 def _guest_write(path):
     """Map cluster 0 of an off image to a new host cluster holding data, as a guest write
     would (through the engine's own model of the image)."""
-    from ansible_collections.vdisk.qcow2.plugins.module_utils.qcow2 import resize
+    from ansible_collections.vdisk.qcow2.plugins.module_utils.qcow2.edit import resize
     resize.fill(path, "metadata")
     state = api.observe(path)
     assert state["preallocation"] == "metadata"
-    from ansible_collections.vdisk.qcow2.plugins.module_utils.qcow2.image import Image
+    from ansible_collections.vdisk.qcow2.plugins.module_utils.qcow2.read.image import Image
     with Image.open(path) as img:
         l2 = img.read_l2(img.l1_entry(0) & 0x00FFFFFFFFFFFE00)
         host = int.from_bytes(l2[:8], "big") & 0x00FFFFFFFFFFFE00

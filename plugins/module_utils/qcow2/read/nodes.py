@@ -26,7 +26,7 @@ import errno
 import os
 import stat
 
-from .errors import Qcow2Error
+from ..format.errors import Qcow2Error
 
 __all__ = ["describe", "check_node", "open_checked", "identity", "expect", "expected",
            "same_identity", "check_identity", "check_fd_identity", "lstat_identity"]

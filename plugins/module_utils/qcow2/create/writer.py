@@ -22,10 +22,10 @@ import stat
 import time
 
 from . import fileops
-from . import leftovers
-from . import nodes
+from ..read import leftovers
+from ..read import nodes
 from . import zeroscan
-from .errors import Qcow2Error
+from ..format.errors import Qcow2Error
 from .planner import metadata_chunks
 
 WRITE_BUFFER = 8 * 1024 * 1024

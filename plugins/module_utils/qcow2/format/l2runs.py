@@ -156,6 +156,27 @@ def l2_runs(img, table):
 _MATCHER_MIN_CLUSTER_BITS = 12
 
 
+def progression_run(img, tables):
+    """(first descriptor, bitmap) when the L2 entries in `tables` (whole tables that follow
+    each other in the file, read at once) are one progression of allocated clusters,
+    `first + k*cluster_size` with one bitmap, as preallocation writes them; None when they are
+    not, or when that cannot be told by comparing bytes (the caller then decodes table by
+    table). Every byte is compared: the answer is exact, never sampled."""
+    if img.cluster_bits < _MATCHER_MIN_CLUSTER_BITS or len(tables) < 16:
+        return None
+    esz = img.l2_entry_size
+    n = len(tables) // esz
+    first = _Q.unpack_from(tables, 0)[0]
+    bitmap = _Q.unpack_from(tables, 8)[0] if esz == 16 else 0
+    if img.cluster_type(first) not in (NORMAL, ZERO_ALLOC) or \
+            (first & C.L2E_OFFSET_MASK) + (n - 1) * img.cluster_size > C.L2E_OFFSET_MASK:
+        return None
+    matcher = img._matcher
+    if matcher is None:
+        matcher = img._matcher = _ProgressionMatcher(img.cluster_bits, esz)
+    return (first, bitmap) if matcher.matches(tables, n, first, bitmap) else None
+
+
 def _is_progression(img, table, n, first, bitmap):
     """Whether the first n entries of `table` are `first + k*cluster_size` (with `bitmap`)."""
     found = None

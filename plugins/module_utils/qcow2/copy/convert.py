@@ -34,14 +34,14 @@ writeback started at once, and a raw source is read into a few reused buffers (s
 import os
 import struct
 
-from . import constants as C
-from . import writer
-from . import zeroscan
-from .allocator import div_round_up
-from .errors import Qcow2Error
-from .header import encode_cluster0, standard_extensions
-from .planner import _base_header, l1_entries, plan_create
-from .tables import padded, progression, refcount_runs
+from ..format import constants as C
+from ..create import writer
+from ..create import zeroscan
+from ..create.allocator import div_round_up
+from ..format.errors import Qcow2Error
+from ..format.header import encode_cluster0, standard_extensions
+from ..create.planner import _base_header, l1_entries, plan_create
+from ..format.tables import padded, progression, refcount_runs
 
 CHUNK = 8 * 1024 * 1024           # bytes read from the source at a time
 WRITE_PIECE = 2 * 1024 * 1024     # bytes of data written at a time (qemu-img convert's size)
@@ -83,7 +83,7 @@ def check_space(path, opts, source):
     else:
         need = data_bytes(source) + (plan.file_size - plan.data_length if plan else 0)
     directory = os.path.dirname(os.path.abspath(path))
-    from . import fileops
+    from ..create import fileops
     try:
         have = fileops.free_bytes(directory)
     except OSError as exc:

@@ -26,16 +26,16 @@ import stat
 import zlib
 from bisect import bisect_right
 
-from . import constants as C
-from . import lock
-from . import nodes
-from .check import check as check_image
-from .errors import Qcow2Error
-from .image import DECODE_ERRORS, Image, _has_protocol, path_combine
-from .l2runs import (COMPRESSED, L2_BITMAP_ALL_ALLOC, L2_BITMAP_ALL_ZERO, NORMAL, ZERO_ALLOC,
-                     RefcountError, ceil_div, zeros)
-from .mapping import (SUB_COMPRESSED, SUB_INVALID, SUB_NORMAL, SUB_ZERO_ALLOC, SUB_ZERO_PLAIN,
-                      _run_pieces, _sub_type, seek_segments)
+from ..format import constants as C
+from ..read import lock
+from ..read import nodes
+from ..read.check import check as check_image
+from ..format.errors import Qcow2Error
+from ..read.image import DECODE_ERRORS, Image, _has_protocol, path_combine
+from ..format.l2runs import (COMPRESSED, L2_BITMAP_ALL_ALLOC, L2_BITMAP_ALL_ZERO, NORMAL, ZERO_ALLOC,
+                             RefcountError, ceil_div, zeros)
+from ..read.mapping import (SUB_COMPRESSED, SUB_INVALID, SUB_NORMAL, SUB_ZERO_ALLOC, SUB_ZERO_PLAIN,
+                            _run_pieces, _sub_type, seek_segments)
 
 try:  # Python 3.14 and later
     from compression import zstd as _zstd

@@ -8,10 +8,10 @@ The image is held with QEMU's write locks meanwhile, past the editor's guard (di
 and damaged images are refused).
 """
 
-from . import constants as C
-from .errors import Qcow2Error
+from ..format import constants as C
+from ..format.errors import Qcow2Error
 from .editor import editing
-from .header import encode_cluster0, feature_table_extension
+from ..format.header import encode_cluster0, feature_table_extension
 
 # QEMU's order of extensions in cluster 0; unknown types go after the known ones.
 _ORDER = {C.EXT_BACKING_FORMAT: 0, C.EXT_DATA_FILE: 1, C.EXT_CRYPTO: 2,

@@ -11,10 +11,10 @@ import os
 import stat
 import struct
 
-from . import constants as C
-from .errors import Qcow2Error
-from .header import decode_cluster0, find_extension
-from .l2runs import (  # noqa: F401  (cluster types are part of this module's interface)
+from ..format import constants as C
+from ..format.errors import Qcow2Error
+from ..format.header import decode_cluster0, find_extension
+from ..format.l2runs import (  # noqa: F401  (cluster types are part of this module's interface)
     UNALLOCATED, ZERO_PLAIN, ZERO_ALLOC, NORMAL, COMPRESSED, RefcountError, l2_runs,
     refcount_at, ceil_div)
 

@@ -37,15 +37,15 @@ worst with leaked clusters at the end, which the next run reclaims):
 import os
 import struct
 
-from . import constants as C
-from . import fileops
-from .allocator import div_round_up
+from ..format import constants as C
+from ..create import fileops
+from ..format.tables import div_round_up
 from .editor import editing
-from .errors import Qcow2Error
+from ..format.errors import Qcow2Error
 from .guest_rules import plan_fill, plan_grow, plan_shrink
-from .l2runs import NORMAL, ZERO_ALLOC
-from .refcounts import set_range
-from .tables import progression
+from ..format.l2runs import NORMAL, ZERO_ALLOC
+from ..format.refcounts import set_range
+from ..format.tables import progression
 
 
 def grow(path, new_size, mode="off"):
@@ -147,7 +147,7 @@ def _l1_entries(size, cs, entry_size):
 
 
 def _grow_data_file(data_path, old_size, new_size, mode, result):
-    from .nodes import open_checked
+    from ..read.nodes import open_checked
     # The image names its data file; the name may be a link, the node must be a file.
     dfd = open_checked(data_path, os.O_RDWR, follow=True, what="data_file",
                        option="data_file")[0]
@@ -171,7 +171,7 @@ def _grow_data_file(data_path, old_size, new_size, mode, result):
 
 
 def _zero_unbacked(fd, offset, length):
-    from .writer import write_zeros
+    from ..create.writer import write_zeros
     segments, _fiemap = fileops.unbacked_segments(fd, offset, length)
     for off, seg_len in segments:
         write_zeros(fd, off, seg_len)
@@ -268,7 +268,7 @@ def _apply_map(ed, plan, mode, l1_needed):
     if end * cs > ed.file_size and not ed.device:
         ed.truncate(end * cs)
     if data_clusters:
-        from .writer import WriteResult, allocate
+        from ..create.writer import WriteResult, allocate
         wr = WriteResult()
         if view.zero_data:
             allocate(ed.fd, data_at * cs, data_clusters * cs, "full", wr, device=True)
@@ -306,7 +306,7 @@ def _apply_map(ed, plan, mode, l1_needed):
 
 def _apply_tail(ed, tail, mode, result):
     offset, length, zero_it = tail
-    from .writer import write_zeros
+    from ..create.writer import write_zeros
     if zero_it:
         write_zeros(ed.fd, offset, length)
         ed.modified = True
@@ -468,7 +468,7 @@ def _holes(fd, offset, length):
 
 
 def _write_zeros(fd, offset, length):
-    from .writer import write_zeros
+    from ..create.writer import write_zeros
     write_zeros(fd, offset, length)
 
 

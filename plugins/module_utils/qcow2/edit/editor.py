@@ -20,13 +20,13 @@ import os
 import stat
 import struct
 
-from . import constants as C
-from .allocator import div_round_up
-from .check import check
-from .errors import Qcow2Error
-from .image import DECODE_ERRORS, Image
-from .l2runs import RefcountError
-from .refcounts import get_refcount, last_nonzero, set_range
+from ..format import constants as C
+from ..format.tables import div_round_up
+from ..read.check import check
+from ..format.errors import Qcow2Error
+from ..read.image import DECODE_ERRORS, Image
+from ..format.l2runs import RefcountError
+from ..format.refcounts import get_refcount, last_nonzero, set_range
 
 _READ_LIMIT = 32 * 1024 * 1024
 
@@ -71,8 +71,8 @@ def preflight(path, run_check=True):
 
 def _open_locked(path):
     """Open an image read-write and hold QEMU's writer locks; refuse if a QEMU holds it."""
-    from .lock import WriteLock  # imported late: lock.py is Linux-only at call time
-    from .nodes import check_fd_identity, open_checked
+    from ..read.lock import WriteLock  # imported late: lock.py is Linux-only at call time
+    from ..read.nodes import check_fd_identity, open_checked
     # Never through a symbolic link, never a FIFO or device node, and only the file that was
     # inspected (the identity api.apply registered for this path), checked before any write.
     fd, st = open_checked(path, os.O_RDWR, doing="cannot open the image for writing")

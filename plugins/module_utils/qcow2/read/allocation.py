@@ -9,11 +9,11 @@ import os
 import stat
 import struct
 
-from . import constants as C
-from .errors import Qcow2Error
+from ..format import constants as C
+from ..format.errors import Qcow2Error
 from .image import Opened, guard, st_blocks_bytes
-from .l2runs import (COMPRESSED, L2_BITMAP_ALL_ALLOC, NORMAL, UNALLOCATED, ZERO_ALLOC, ceil_div,
-                     decode_refblock, zeros)
+from ..format.l2runs import (COMPRESSED, L2_BITMAP_ALL_ALLOC, NORMAL, UNALLOCATED, ZERO_ALLOC, ceil_div,
+                             decode_refblock, zeros)
 from .mapping import guest_runs, seek_segments
 
 try:

@@ -4,7 +4,7 @@
 """`info`: what qemu-img info --output=json says of an image, read without opening any other
 file."""
 
-from . import constants as C
+from ..format import constants as C
 from .image import BME_FLAG_AUTO, BME_FLAG_IN_USE, Opened, guard, path_combine, st_blocks_bytes
 
 __all__ = ["info"]

@@ -16,7 +16,7 @@ forbids writers.
 import os
 import struct
 
-from .errors import Qcow2Error
+from ..format.errors import Qcow2Error
 
 try:
     import fcntl

@@ -18,7 +18,7 @@ absurd virtual size, and for a file that is not qcow2, the signature of another 
 import os
 import stat
 
-from . import constants as C
+from ..format import constants as C
 
 __all__ = ["unsafe_reasons", "read_probe", "signatures", "DEFAULT_MAX_SIZE"]
 

@@ -19,13 +19,10 @@ hundred thousand), never to the virtual size.
 
 import struct
 
-from .errors import Qcow2Error
+from ..format.errors import Qcow2Error
+from ..format.tables import div_round_up
 
 EAGAIN = "EAGAIN"
-
-
-def div_round_up(a, b):
-    return -(-a // b)
 
 
 def refcount_metadata_size(clusters, cluster_size, refcount_order, generous):

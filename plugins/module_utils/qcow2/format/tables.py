@@ -21,9 +21,11 @@ offsets stay below 2**56.
 
 import struct
 
-from .allocator import div_round_up
-
 CHUNK_BYTES = 8 * 1024 * 1024
+
+
+def div_round_up(a, b):
+    return -(-a // b)
 
 
 # Template periods are at least 2**11 entries and at most 2**18.

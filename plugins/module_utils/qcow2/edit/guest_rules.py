@@ -15,11 +15,11 @@ See `resize` for the rules in prose.
 
 import struct
 
-from . import constants as C
-from .allocator import div_round_up
-from .errors import Qcow2Error
-from .l2runs import (COMPRESSED, L2_BITMAP_ALL_ALLOC, L2_BITMAP_ALL_ZERO, NORMAL, ZERO_ALLOC,
-                     ZERO_PLAIN, zeros)
+from ..format import constants as C
+from ..format.tables import div_round_up
+from ..format.errors import Qcow2Error
+from ..format.l2runs import (COMPRESSED, L2_BITMAP_ALL_ALLOC, L2_BITMAP_ALL_ZERO, NORMAL, ZERO_ALLOC,
+                             ZERO_PLAIN, zeros)
 
 PREALLOC = ("metadata", "falloc", "full")
 
@@ -302,7 +302,7 @@ def plan_shrink(img, new_size):
     the backing chain's data counts, and a backing file that cannot be read refuses), with internal
     snapshots (their tables are shared), an external data file, or compressed clusters past the
     end."""
-    from .allocation import chain_data_end
+    from ..read.allocation import chain_data_end
     old_size = img.header.size
     new_size = (new_size + 511) // 512 * 512
     if new_size >= old_size:

@@ -15,11 +15,11 @@ that also count themselves". With an external data file the data clusters live t
 entries map guest cluster k to data-file offset k (identity) and are not refcounted.
 """
 
-from . import constants as C
+from ..format import constants as C
 from .allocator import QemuCreateModel, div_round_up, refcount_metadata_size
-from .errors import Qcow2Error
-from .header import Header, encode_cluster0, standard_extensions
-from .tables import padded, progression, refcount_runs, zeros
+from ..format.errors import Qcow2Error
+from ..format.header import Header, encode_cluster0, standard_extensions
+from ..format.tables import padded, progression, refcount_runs, zeros
 
 
 class Region(object):

@@ -11,9 +11,9 @@ file is cut back to the last referenced cluster. A crash between the two steps l
 clusters at the end, which is no leak at all. The guest's view is not touched.
 """
 
-from .allocation import tail_leaks
+from ..read.allocation import tail_leaks
 from .editor import editing
-from .errors import Qcow2Error
+from ..format.errors import Qcow2Error
 
 
 def reclaim_leaks(path):

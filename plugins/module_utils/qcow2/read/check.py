@@ -6,11 +6,11 @@ compared with the stored refcounts), in windows so memory stays bounded."""
 
 import struct
 
-from . import constants as C
-from .errors import Qcow2Error
+from ..format import constants as C
+from ..format.errors import Qcow2Error
 from .image import BME_OFFSET_MASK, BME_RESERVED_MASK, READ_CHUNK, Opened, guard
-from .l2runs import (COMPRESSED, L2_BITMAP_ALL_ALLOC, NORMAL, UNALLOCATED, ZERO_ALLOC,
-                     RefcountError, ceil_div, decode_refblock, zeros)
+from ..format.l2runs import (COMPRESSED, L2_BITMAP_ALL_ALLOC, NORMAL, UNALLOCATED, ZERO_ALLOC,
+                             RefcountError, ceil_div, decode_refblock, zeros)
 
 __all__ = ["check"]
 
