@@ -295,9 +295,8 @@ class _RawReader(object):
         while got < length:
             n = os.preadv(self.fd, [view[got:]], offset + got)
             if n <= 0:
-                raise Qcow2Error("source: %s ended early at %d" % (self.source.path,
-                                                                    offset + got),
-                                 option="source")
+                raise Qcow2Error("source: %s ended early at %d"
+                                 % (self.source.path, offset + got), option="source")
             got += n
         self.writes.owner = index
         return buf
