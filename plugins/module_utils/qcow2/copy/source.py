@@ -45,7 +45,7 @@ except ImportError:
 __all__ = ["open_source", "Source", "FORMATS", "MAX_CHAIN"]
 
 FORMATS = ("raw", "qcow2")
-MAX_CHAIN = 16                          # links in a backing chain, the top image included
+MAX_CHAIN = C.MAX_BACKING_CHAIN         # links in a backing chain, the top image included
 L2_CACHE_TABLES = 64                    # L2 tables whose runs a layer keeps
 L2_CACHE_RUNS = 1 << 16                 # ... and at most this many runs among them
 L1_CHUNK = 8192                         # L1 entries read at a time

@@ -24,6 +24,9 @@ MAX_L1_BYTES = 32 * 1024 * 1024          # QCOW_MAX_L1_SIZE
 MAX_L1_ENTRIES = MAX_L1_BYTES // 8
 MAX_REFTABLE_BYTES = 8 * 1024 * 1024     # QCOW_MAX_REFTABLE_SIZE
 MAX_BACKING_NAME = 1023
+# Images in a backing chain this engine follows, the top image included (a bound of ours:
+# reading a template's chain and judging a shrink over an overlay stop there).
+MAX_BACKING_CHAIN = 16
 MAX_BACKING_FMT = 15                      # the format name must be shorter than 16 bytes
 # The block drivers qemu-img 7.2 knows (`qemu-img --help`, "Supported formats"): a backing
 # format must name one of them, or QEMU cannot open the image.

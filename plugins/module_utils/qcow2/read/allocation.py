@@ -431,7 +431,7 @@ def data_end(path, image=None, scan_limit=DEFAULT_SCAN_LIMIT):
         return 0
 
 
-MAX_CHAIN = 16          # backing files followed below an image when judging a shrink
+MAX_CHAIN = C.MAX_BACKING_CHAIN
 
 
 class _RawLayer(object):
@@ -463,7 +463,7 @@ def _backing_data_end(img, depth, scan_limit):
     from .image import Image, _has_protocol, path_combine
     name = img.backing_file
     what = "the backing file %s of %s" % (name, img.path)
-    if depth > MAX_CHAIN:
+    if depth >= MAX_CHAIN:     # the top image is depth 0
         raise Qcow2Error("%s: the backing chain is longer than %d images" % (what, MAX_CHAIN),
                          option="size", path=img.path)
     if name.startswith("json:") or _has_protocol(name):
