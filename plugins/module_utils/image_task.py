@@ -361,14 +361,17 @@ class ImageTask(object):
     def planned_entry(self):
         """(real path, what it will be) after this image's run, for the `planned` map of the
         images that follow it in check mode; None when the run changes nothing on disk. What
-        it will be: None when it is removed, else {"format": "qcow2", "virtual_size": N}."""
+        it will be: None when it is removed, else {"format": "qcow2", "virtual_size": N,
+        "backing_file": name or None, "made": whether this run creates or recreates it}."""
         decision = self.decision
         if decision is None or not decision.actions:
             return None
         key = os.path.realpath(self.path)
         if any(a.kind == "remove" for a in decision.actions):
             return key, None
-        return key, {"format": "qcow2", "virtual_size": decision.after.get("virtual_size")}
+        made = any(a.kind in ("create", "recreate") for a in decision.actions)
+        return key, {"format": "qcow2", "virtual_size": decision.after.get("virtual_size"),
+                     "backing_file": decision.after.get("backing_file"), "made": made}
 
     def result_with_path_info(self, result):
         """`result` with the file attributes AnsibleModule adds to a module's result for its

@@ -80,10 +80,12 @@ notes:
   - Unlike a loop over M(vdisk.qcow2.image), the list is sent to the host once and converged
     by one process, which is faster for long lists.
   - Check mode predicts an overlay of an earlier item from that item's declared size only when
-    the overlay's O(vdisk.qcow2.image#module:backing_fmt) is V(qcow2). An image whose
-    O(vdisk.qcow2.image#module:source) is an earlier item of the list that does not exist yet
-    cannot be predicted before the copy exists, so check mode fails on it (the real run copies
-    it).
+    the overlay's O(vdisk.qcow2.image#module:backing_fmt) is V(qcow2). A copy whose
+    O(vdisk.qcow2.image#module:source) is an earlier item of the list that this run creates is
+    predicted from that item's declaration (its size, its backing file, refused like the real
+    run refuses it), with O(vdisk.qcow2.image#module:source_format=qcow2); check mode does not
+    judge the copy's free space then, and fails on V(raw) (the real run would copy the qcow2
+    file's bytes as guest data, with a warning).
 seealso:
   - module: vdisk.qcow2.image
   - module: vdisk.qcow2.image_info

@@ -291,6 +291,9 @@ def preflight_create(path, values, replace=False, source=None, source_format=Non
     write: options, the directory, the backing file, the source (its backing chain refused
     unless `allow_backing`), free space. Reads only."""
     nodes.check_node(path)
+    if source is not None and _planned_source(planned, source):
+        return _preflight_planned_copy(path, values, source, source_format, allow_backing,
+                                       planned[os.path.realpath(source)])
     if source is not None:
         from .copy.convert import check_space as check_copy_space
         src = open_source(source, source_format, allow_backing=allow_backing)
@@ -321,6 +324,47 @@ def preflight_create(path, values, replace=False, source=None, source_format=Non
         _check_directory(resolve_relative(path, opts.data_file), "create the data file")
     from .create import writer
     writer.check_space(os.path.dirname(os.path.abspath(path)), plan_for(path, opts))
+    return opts
+
+
+def _planned_source(planned, source):
+    """Whether `source` is a file that an earlier image of this run (check mode of a list)
+    makes anew or removes: then what the real run will copy is not on disk yet."""
+    if not planned or os.path.realpath(source) not in planned:
+        return False
+    entry = planned[os.path.realpath(source)]
+    return entry is None or entry.get("made") or not os.path.lexists(source)
+
+
+def _preflight_planned_copy(path, values, source, source_format, allow_backing, entry):
+    """preflight_create for a copy whose source an earlier image of the run makes (`entry`,
+    see preflight): the options and the refusals a real run meets, judged from that image's
+    declaration. The copy's free space is not judged (the source's data is not known yet)."""
+    if entry is None:
+        raise Qcow2Error("source: %s does not exist (an earlier image of this run removes it)"
+                         % source, option="source")
+    if source_format != "qcow2":
+        raise Qcow2Error("source: %s is a qcow2 image that an earlier image of this run makes; "
+                         "declare source_format: qcow2 to copy the guest content it will hold"
+                         % source, option="source")
+    if entry.get("backing_file") and not allow_backing:
+        from .copy.source import backing_refusal
+        raise Qcow2Error("source: " + backing_refusal(source, entry["backing_file"]),
+                         option="source", path=source)
+
+    class _Planned(object):
+        size = entry["virtual_size"]
+        path = source
+    values = dict(values)
+    if values.get("size") is None:
+        values["size"] = _Planned.size
+    opts = parse_options(path, values)
+    from .copy.convert import check_source_fits
+    check_source_fits(opts, _Planned)
+    if is_block_device(path):
+        raise Qcow2Error("%s: copying a source onto a block device is not supported" % path,
+                         path=path)
+    _check_directory(path, "create the image")
     return opts
 
 

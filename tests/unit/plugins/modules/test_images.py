@@ -144,6 +144,43 @@ def test_overlay_of_a_base_removed_earlier_fails_in_check_mode_too(tmp_path, cap
     assert predicted["results"][1]["msg"] == done["results"][1]["msg"]
 
 
+def test_copy_of_an_image_made_earlier_predicted_in_check_mode(tmp_path, capsys):
+    tpl = str(tmp_path / "tpl.qcow2")
+    vm = str(tmp_path / "vm.qcow2")
+    big = str(tmp_path / "big.qcow2")
+    images = [{"path": tpl, "size": "16M"},
+              {"path": vm, "source": tpl, "source_format": "qcow2"},
+              {"path": big, "source": tpl, "source_format": "qcow2", "size": "32M",
+               "preallocation": "metadata"}]
+    predicted, done = check_then_real(capsys, tmp_path, images=images)
+    assert "failed" not in done
+    assert [r["changed"] for r in done["results"]] == [True, True, True]
+    assert predicted["diff"] == done["diff"]
+    assert predicted["diff"][1]["after"]["virtual_size"] == 16 << 20
+    assert done["results"][1]["image"]["virtual_size"] == 16 << 20
+    assert done["results"][2]["image"]["virtual_size"] == 32 << 20
+    assert run(capsys, images=images)["changed"] is False
+
+
+def test_copy_of_an_image_made_earlier_refused_alike(tmp_path, capsys):
+    """What a real run refuses of a source made earlier in the list, check mode refuses too,
+    with the same words: a backing file without source_backing_chain, a smaller size."""
+    base = str(tmp_path / "base.qcow2")
+    overlay = str(tmp_path / "overlay.qcow2")
+    images = [{"path": base, "size": "8M"},
+              {"path": overlay, "backing_file": "base.qcow2", "backing_fmt": "qcow2"},
+              {"path": str(tmp_path / "flat.qcow2"), "source": overlay,
+               "source_format": "qcow2"},
+              {"path": str(tmp_path / "small.qcow2"), "source": base,
+               "source_format": "qcow2", "size": "4M"}]
+    predicted, done = check_then_real(capsys, tmp_path, images=images)
+    assert [r["failed"] for r in done["results"]] == [False, False, True, True]
+    for index in (2, 3):
+        assert predicted["results"][index]["msg"] == done["results"][index]["msg"]
+    assert "source_backing_chain=true" in done["results"][2]["msg"]
+    assert "smaller than the source" in done["results"][3]["msg"]
+
+
 def test_overlay_before_its_base_fails_in_both(tmp_path, capsys):
     images = [{"path": str(tmp_path / "early.qcow2"), "backing_file": "late.qcow2",
                "backing_fmt": "qcow2"},
