@@ -386,7 +386,7 @@ def campaign(inputs, workers, seed=1):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--inputs", type=int,
-                        default=int(os.environ.get("VDISK_DIFF_INPUTS", "2500")))
+                        default=int(os.environ.get("VDISK_DIFF_INPUTS", "1500")))
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=int(os.environ.get("VDISK_DIFF_SEED", "1")))
     args = parser.parse_args()
