@@ -53,13 +53,23 @@ def nonzero_runs(data, block):
     first -= first % block
     out = []
     start = 0 if first else None
-    for pos in range(first, full, block):
+    pos = first
+    while pos < full:
         if data[pos:pos + block] == zero:
             if start is not None:
                 out.append((start, pos))
                 start = None
-        elif start is None:
+            pos += block
+            continue
+        if start is None:
             start = pos
+        # Inside data: jump with one C-level search to the next aligned block that can be all
+        # zeros (any such block starts at or after the next run of `block` zero bytes).
+        nxt = data.find(zero, pos + 1)
+        if nxt < 0 or nxt >= full:
+            pos = full
+        else:
+            pos = max(pos + block, nxt + (-nxt) % block)
     if full < n and data[full:] != zero[:n - full]:
         if start is None:
             start = full
