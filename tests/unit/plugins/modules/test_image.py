@@ -6,23 +6,17 @@
 from __future__ import absolute_import, division, print_function
 __metaclass__ = type
 
-import json
 import os
 
-import pytest
 
 from ansible.module_utils.testing import patch_module_args
 
 from ansible_collections.vdisk.qcow2.plugins.modules import image as image_module
 from ansible_collections.vdisk.qcow2.plugins.modules import image_info as info_module
+from ansible_collections.vdisk.qcow2.tests.unit.plugins.modules import module_runs
 
 
-def run(module, capsys, **args):
-    with patch_module_args(args):
-        with pytest.raises(SystemExit):
-            module.main()
-    out = capsys.readouterr().out
-    return json.loads(out)
+run = module_runs.run
 
 
 def test_check_mode_predicts_and_creates_nothing(tmp_path, capsys):

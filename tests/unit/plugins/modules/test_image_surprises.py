@@ -8,44 +8,29 @@ run."""
 from __future__ import absolute_import, division, print_function
 __metaclass__ = type
 
-import json
 import os
 import stat
 
 import pytest
 import yaml
 
-from ansible.module_utils.testing import patch_module_args
-
 from ansible_collections.vdisk.qcow2.plugins.module_utils.qcow2 import api
 from ansible_collections.vdisk.qcow2.plugins.modules import image as image_module
 from ansible_collections.vdisk.qcow2.plugins.modules import image_info as info_module
+from ansible_collections.vdisk.qcow2.tests.unit.plugins.modules import module_runs
 
 MiB = 1 << 20
 
 
-def run(module, capsys, **args):
-    with patch_module_args(args):
-        with pytest.raises(SystemExit):
-            module.main()
-    return json.loads(capsys.readouterr().out)
+run = module_runs.run
 
 
 def both(capsys, **args):
-    """(check-mode result, real result) of the same task."""
-    predicted = run(image_module, capsys, _ansible_check_mode=True, **args)
-    done = run(image_module, capsys, **args)
-    return predicted, done
+    """(check-mode result, real result) of the same image task."""
+    return module_runs.both(image_module, capsys, **args)
 
 
-def warnings_of(result):
-    """The warning texts of a result (ansible-core 2.19+ returns each as a summary dict)."""
-    texts = []
-    for warning in result.get("warnings") or []:
-        if isinstance(warning, dict):
-            warning = warning.get("event", warning).get("msg", "")
-        texts.append(warning)
-    return texts
+warnings_of = module_runs.warnings_of
 
 
 def documented_methods():

@@ -8,25 +8,19 @@ unsafe_reasons."""
 from __future__ import absolute_import, division, print_function
 __metaclass__ = type
 
-import json
 import os
 
 import pytest
 
-from ansible.module_utils.testing import patch_module_args
-
 from ansible_collections.vdisk.qcow2.plugins.module_utils.qcow2 import api
 from ansible_collections.vdisk.qcow2.plugins.modules import image as image_module
 from ansible_collections.vdisk.qcow2.plugins.modules import image_info as info_module
+from ansible_collections.vdisk.qcow2.tests.unit.plugins.modules import module_runs
 
 PATTERN = b"HOST-SECRET-BYTES!" * 4
 
 
-def run(module, capsys, **args):
-    with patch_module_args(args):
-        with pytest.raises(SystemExit):
-            module.main()
-    return json.loads(capsys.readouterr().out)
+run = module_runs.run
 
 
 @pytest.fixture

@@ -9,31 +9,21 @@ from __future__ import absolute_import, division, print_function
 __metaclass__ = type
 
 import hashlib
-import json
 import os
 import stat
-
-import pytest
-
-from ansible.module_utils.testing import patch_module_args
 
 from ansible_collections.vdisk.qcow2.plugins.module_utils.qcow2 import api
 from ansible_collections.vdisk.qcow2.plugins.modules import image as image_module
 from ansible_collections.vdisk.qcow2.plugins.modules import image_info as info_module
+from ansible_collections.vdisk.qcow2.tests.unit.plugins.modules import module_runs
 
 
-def run(module, capsys, **args):
-    with patch_module_args(args):
-        with pytest.raises(SystemExit):
-            module.main()
-    return json.loads(capsys.readouterr().out)
+run = module_runs.run
 
 
 def both(capsys, **args):
-    """(check-mode result, real result) of the same task."""
-    predicted = run(image_module, capsys, _ansible_check_mode=True, **args)
-    done = run(image_module, capsys, **args)
-    return predicted, done
+    """(check-mode result, real result) of the same image task."""
+    return module_runs.both(image_module, capsys, **args)
 
 
 def digest(path):

@@ -18,6 +18,7 @@ from ansible.module_utils.testing import patch_module_args
 
 from ansible_collections.vdisk.qcow2.plugins.modules import image as image_module
 from ansible_collections.vdisk.qcow2.plugins.modules import images as images_module
+from ansible_collections.vdisk.qcow2.tests.unit.plugins.modules import module_runs
 
 
 def run(capsys, module=images_module, **args):
@@ -36,14 +37,7 @@ def outline(result):
     return [(r["changed"], r["actions"], r["failed"], r["skipped"]) for r in result["results"]]
 
 
-def warnings_of(result):
-    """The warning texts of a result (ansible-core 2.19+ returns each as a summary dict)."""
-    texts = []
-    for warning in result.get("warnings") or []:
-        if isinstance(warning, dict):
-            warning = warning.get("event", warning).get("msg", "")
-        texts.append(warning)
-    return texts
+warnings_of = module_runs.warnings_of
 
 
 def check_then_real(capsys, tmp_path, **args):
