@@ -8,9 +8,6 @@ __metaclass__ = type
 
 import os
 
-
-from ansible.module_utils.testing import patch_module_args
-
 from ansible_collections.vdisk.qcow2.plugins.modules import image as image_module
 from ansible_collections.vdisk.qcow2.plugins.modules import image_info as info_module
 from ansible_collections.vdisk.qcow2.tests.unit.plugins.modules import module_runs
