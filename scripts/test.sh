@@ -57,8 +57,12 @@ step() {
     local name=$1 rc start=$SECONDS log
     shift
     log=$LOG_DIR/$(printf '%s' "$name" | tr -c 'a-zA-Z0-9' '-' | cut -c1-50).log
-    "$@" > "$log" 2>&1 < /dev/null
+    # The CPU time (user + system) of the step's processes, beside its wall time: on two
+    # cores, the sum over the steps bounds how short the whole run can be.
+    local TIMEFORMAT='%U %S' cpu
+    { time "$@" > "$log" 2>&1 < /dev/null; } 2> "$log.cpu"
     rc=$?
+    cpu=$(awk '{ printf "%d", $1 + $2 }' "$log.cpu" 2>/dev/null)
     (
         flock 9
         printf '\n==== %s ====\n' "$name"
@@ -66,10 +70,10 @@ step() {
         if [ $rc = 5 ]; then
             echo "!!!! $name: no tests were collected (pytest exit 5): treated as a failure"
         fi
-        printf '==== %s: exit %d in %ds (log: %s) ====\n' "$name" "$rc" $((SECONDS - start)) \
-            "${log#"$ROOT"/}"
-        printf '%d\t%d\t%s\t%s\n' "$rc" $((SECONDS - start)) "$name" "${STEP_KIND:-required}" \
-            >> "$LOG_DIR/results"
+        printf '==== %s: exit %d in %ds, CPU %ss (log: %s) ====\n' "$name" "$rc" \
+            $((SECONDS - start)) "${cpu:-?}" "${log#"$ROOT"/}"
+        printf '%d\t%d\t%s\t%s\t%s\n' "$rc" $((SECONDS - start)) "$name" "${STEP_KIND:-required}" \
+            "${cpu:-?}" >> "$LOG_DIR/results"
     ) 9> "$LOG_DIR/.lock"
     return $rc
 }
@@ -161,11 +165,14 @@ LANES=()
 set +m
 
 printf '\n==== step times ====\n'
-awk -F'\t' '{ printf "%5ds  %s%s\n", $2, $3, ($1 == 0 ? "" : ($4 == "optional" ? "  (failed, exit " $1 ": optional, reported only)" : "  (FAILED, exit " $1 ")")) }' \
+printf ' wall    CPU  step\n'
+awk -F'\t' '{ printf "%4ds  %4ss  %s%s\n", $2, $5, $3, ($1 == 0 ? "" : ($4 == "optional" ? "  (failed, exit " $1 ": optional, reported only)" : "  (FAILED, exit " $1 ")")) }' \
     "$LOG_DIR/results"
-printf 'total: %ds (the two lanes run side by side)\n\n' $((SECONDS - START))
+printf 'total: %ds (the two lanes run side by side); CPU of all steps: %ss on %s cores\n\n' \
+    $((SECONDS - START)) "$(awk -F'\t' '{ s += $5 } END { print s + 0 }' "$LOG_DIR/results")" \
+    "$(nproc)"
 failed=()
-while IFS=$'\t' read -r rc _ name kind; do
+while IFS=$'\t' read -r rc _ name kind _cpu; do
     [ "$rc" = 0 ] || [ "$kind" = optional ] || failed+=("$name")
 done < "$LOG_DIR/results"
 if [ "$(wc -l < "$LOG_DIR/results")" = 0 ]; then

@@ -49,21 +49,45 @@ def option_string(opts):
 
 
 LUKS_ATTEMPTS = 10
+_LUKS_MADE = {}
+_LUKS_DIR = []
 
 
-def qemu_luks(path, size="1M"):
-    """A LUKS-encrypted qcow2 made by qemu-img (passphrase 'abc'); asserts it was made. The key
-    derivation's calibration sometimes fails on a busy machine ("Unable to get accurate CPU
-    usage": its CPU clock saw no time pass): tried up to ten times, as the two lanes of
-    scripts/test.sh keep both cores busy."""
-    for _attempt in range(LUKS_ATTEMPTS):
-        proc = run(QEMU_IMG, "create", "-q", "--object", "secret,id=sec0,data=abc",
-                   "-f", "qcow2", "-o",
-                   "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10", path,
-                   size)
-        if proc.returncode == 0:
-            return
-    raise AssertionError(proc.stderr)
+def qemu_luks(path, size="1M", secret="abc", fmt="qcow2", options=""):
+    """A LUKS-encrypted image made by qemu-img (a qcow2 with `fmt` qcow2, a bare LUKS volume
+    with `fmt` luks), copied to `path`; asserts it was made.
+
+    qemu-img calibrates its key derivation for every new image (about 2.5 s of CPU here,
+    whatever encrypt.iter-time says), so each kind is made once per test session and copied.
+    The calibration sometimes fails on a busy machine ("Unable to get accurate CPU usage": its
+    CPU clock saw no time pass): tried up to ten times, as the two lanes of scripts/test.sh
+    keep both cores busy."""
+    key = (size, secret, fmt, options)
+    if key not in _LUKS_MADE:
+        made = os.path.join(_luks_dir(), "%d.%s" % (len(_LUKS_MADE), fmt))
+        opts = "key-secret=sec0,iter-time=10"
+        if fmt == "qcow2":
+            opts = "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10"
+        proc = None
+        for _attempt in range(LUKS_ATTEMPTS):
+            proc = run(QEMU_IMG, "create", "-q", "--object", "secret,id=sec0,data=" + secret,
+                       "-f", fmt, "-o", opts + ("," + options if options else ""), made, size)
+            if proc.returncode == 0:
+                break
+        if proc.returncode != 0:
+            raise AssertionError(proc.stderr)
+        _LUKS_MADE[key] = made
+    shutil.copyfile(_LUKS_MADE[key], path)
+
+
+def _luks_dir():
+    """One temporary directory for the session's LUKS images, removed at exit."""
+    if not _LUKS_DIR:
+        import atexit
+        import tempfile
+        _LUKS_DIR.append(tempfile.mkdtemp(prefix="vdq-luks-"))
+        atexit.register(shutil.rmtree, _LUKS_DIR[0], True)
+    return _LUKS_DIR[0]
 
 
 def qemu_create(path, opts, cwd=None):

@@ -17,6 +17,7 @@ import random
 import pytest
 
 import oracle
+import sparse_files
 from oracle import COUNTS, assert_clean, map_meaning, qemu_create, qemu_info, qemu_map, run
 
 from qcow2 import api
@@ -117,11 +118,9 @@ def _make_pair(tmp_path, opts, name="img.qcow2"):
 @pytest.mark.parametrize("opts", OFF_CASES, ids=_case_id)
 def test_off_is_byte_identical(tmp_path, opts):
     ref, ours = _make_pair(tmp_path, opts)
-    ref_bytes = ref.read_bytes()
-    ours_bytes = ours.read_bytes()
-    assert len(ours_bytes) == len(ref_bytes)
-    if ours_bytes != ref_bytes:
-        first = next(i for i, (a, b) in enumerate(zip(ref_bytes, ours_bytes)) if a != b)
+    assert ours.stat().st_size == ref.stat().st_size
+    first = sparse_files.first_difference(str(ref), str(ours))    # holes are not read
+    if first is not None:
         pytest.fail("first differing byte at offset %d" % first)
     if opts.get("data_file"):
         ref_data = ref.parent / opts["data_file"]

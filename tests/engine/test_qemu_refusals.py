@@ -89,17 +89,14 @@ def _make(tmp_path, kind="plain", opts=""):
     if not oracle.QEMU_IMG:
         oracle.unavailable("refusals", "qemu-img is not installed")
     path = str(tmp_path / "img.qcow2")
-    cmd = [oracle.QEMU_IMG, "create", "-q", "-f", "qcow2"]
     if kind == "luks":
-        cmd += SECRET + ["-o", "encrypt.format=luks,encrypt.key-secret=sec0,"
-                         "encrypt.iter-time=50"]
-    elif opts:
-        cmd += ["-o", opts]
-    for _attempt in range(oracle.LUKS_ATTEMPTS):  # LUKS calibration: see oracle.qemu_luks
+        oracle.qemu_luks(path, "16M", secret="pw")
+    else:
+        cmd = [oracle.QEMU_IMG, "create", "-q", "-f", "qcow2"]
+        if opts:
+            cmd += ["-o", opts]
         proc = oracle.run(*(cmd + [path, "16M"]))
-        if not proc.returncode:
-            break
-    assert proc.returncode == 0, proc.stderr
+        assert proc.returncode == 0, proc.stderr
     if kind == "bitmap":
         proc = oracle.run(oracle.QEMU_IMG, "bitmap", "--add", path, "bm0")
         assert proc.returncode == 0, proc.stderr

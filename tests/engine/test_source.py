@@ -11,7 +11,6 @@ recorded backing format, a loop, a running writer) is a Qcow2Error naming `sourc
 open_source before any guest byte is read.
 """
 
-import hashlib
 import os
 import random
 import shutil
@@ -23,6 +22,7 @@ import time
 import pytest
 
 import oracle
+import sparse_files
 from oracle import run
 
 from qcow2.format import constants as C
@@ -69,44 +69,37 @@ def oracle_raw(path, fmt, tmp):
 
 
 def file_digest(path, size):
-    """sha256 of the file's first `size` bytes, zeros past its end."""
-    digest = hashlib.sha256()
-    left = size
-    with open(str(path), "rb") as handle:
-        while left:
-            block = handle.read(min(CHUNK, left))
-            if not block:
-                break
-            digest.update(block)
-            left -= len(block)
-    while left:
-        n = min(CHUNK, left)
-        digest.update(bytes(n))
-        left -= n
-    return digest.hexdigest()
+    """Digest of the file's first `size` bytes, zeros past its end (holes not read)."""
+    return sparse_files.content_digest(str(path), size)
 
 
 def guest_digest(src):
-    """(sha256 of the guest view as a copy reads it, bytes read, extents)."""
-    digest = hashlib.sha256()
-    pos = read = 0
+    """(digest of the guest view as a copy reads it, bytes read, extents): the digest
+    file_digest gives a file of the same bytes; only the data extents are read."""
     extents = list(src.extents())
+    pos = 0
     for k, (offset, length, is_data) in enumerate(extents):
         assert offset == pos and length > 0, extents[max(0, k - 2):k + 2]
         if k:
             assert extents[k - 1][2] != is_data, "extents not merged: %s" % extents[k - 1:k + 1]
-        end = offset + length
-        while pos < end:
-            n = min(CHUNK, end - pos)
-            if is_data:
-                data = src.read(pos, n)
-                assert len(data) == n
-                read += n
-            else:
-                data = bytes(n)
-            digest.update(data)
-            pos += n
+        pos = offset + length
     assert pos == src.size
+    step = sparse_files.CHUNK
+    digest = sparse_files.chunk_digest(src.size)
+    data = [(o, o + n) for o, n, d in extents if d]
+    read = 0
+    chunk_at = -step
+    for start, end in data:
+        for chunk_at in range(max(start - start % step, chunk_at + step), end, step):
+            chunk = bytearray(min(step, src.size - chunk_at))
+            for d_start, d_end in data:     # every data extent within this chunk
+                lo, hi = max(d_start, chunk_at), min(d_end, chunk_at + len(chunk))
+                if lo < hi:
+                    piece = src.read(lo, hi - lo)
+                    assert len(piece) == hi - lo
+                    chunk[lo - chunk_at:hi - chunk_at] = piece
+                    read += hi - lo
+            digest.add(chunk_at, bytes(chunk))
     return digest.hexdigest(), read, extents
 
 

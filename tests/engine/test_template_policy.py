@@ -343,13 +343,7 @@ def test_vetting_images_qemu_img_makes(tmp_path, qemu_img, fmt, opts, word):
 
 def test_vetting_luks_volume_made_by_qemu_img(tmp_path, qemu_img):
     path = str(tmp_path / "volume.luks")
-    proc = None
-    for _attempt in range(oracle.LUKS_ATTEMPTS):  # see oracle.qemu_luks
-        proc = run(oracle.QEMU_IMG, "create", "-q", "--object", "secret,id=sec0,data=abc",
-                   "-f", "luks", "-o", "key-secret=sec0,iter-time=10", path, "1M")
-        if proc.returncode == 0:
-            break
-    assert proc.returncode == 0, proc.stderr
+    oracle.qemu_luks(path, fmt="luks")
     _one(reasons(path), "LUKS")
 
 

@@ -95,6 +95,13 @@ def _poke(path, offset, fmt, value):
         handle.write(struct.pack(fmt, value))
 
 
+def _peek(path, offset):
+    """The big-endian 64-bit field at `offset` (read alone: the image is mostly holes)."""
+    with open(path, "rb") as handle:
+        handle.seek(offset)
+        return struct.unpack(">Q", handle.read(8))[0]
+
+
 def _refused(path, text):
     with pytest.raises(Qcow2Error) as err:
         image = inspector.Image.open(path)
@@ -142,8 +149,8 @@ def reftable_overlapping_the_header(tmp_path):
 @case
 def l2_entry_pointing_at_the_l1_table(tmp_path):
     path = _image(tmp_path, preallocation="metadata")
-    hdr_l1 = struct.unpack(">Q", open(path, "rb").read()[40:48])[0]
-    l1_entry = struct.unpack(">Q", open(path, "rb").read()[hdr_l1:hdr_l1 + 8])[0]
+    hdr_l1 = _peek(path, 40)
+    l1_entry = _peek(path, hdr_l1)
     l2 = l1_entry & 0x00FFFFFFFFFFFE00
     _poke(path, l2, ">Q", hdr_l1 | (1 << 63))
     result = inspector.check(path)
@@ -154,9 +161,8 @@ def l2_entry_pointing_at_the_l1_table(tmp_path):
 @case
 def l1_entries_looping_onto_one_l2_table(tmp_path):
     path = _image(tmp_path, preallocation="metadata", size="2G")
-    data = open(path, "rb").read()
-    l1 = struct.unpack(">Q", data[40:48])[0]
-    first = struct.unpack(">Q", data[l1:l1 + 8])[0]
+    l1 = _peek(path, 40)
+    first = _peek(path, l1)
     _poke(path, l1 + 8, ">Q", first)
     result = inspector.check(path)
     assert result.get("corruptions", 0) > 0
