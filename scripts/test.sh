@@ -25,6 +25,9 @@ LOG_DIR=$ROOT/.scratch/test-logs
 rm -rf "$LOG_DIR" && mkdir -p "$LOG_DIR"
 : > "$LOG_DIR/results"
 LANES=()
+BYTECODE_CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/vdisk.qcow2
+BYTECODE_CACHE_WAS_THERE=0
+[ -e "$BYTECODE_CACHE" ] && BYTECODE_CACHE_WAS_THERE=1
 cleanup() {
     local pid dev file
     # Each lane is its own process group (set -m below): stop every process of a lane.
@@ -40,6 +43,8 @@ cleanup() {
         echo "temporary files kept in $RUN_DIR (VDISK_KEEP_TEST_FILES=1)"
     else
         rm -rf "$RUN_DIR"
+        # The modules' bytecode cache (module_utils/bytecode_cache.py), when this run made it.
+        [ "$BYTECODE_CACHE_WAS_THERE" = 1 ] || rm -rf "$BYTECODE_CACHE"
     fi
 }
 trap cleanup EXIT
