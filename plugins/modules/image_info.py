@@ -52,6 +52,7 @@ options:
     type: str
     default: 64T
 extends_documentation_fragment:
+  - vdisk.qcow2.bytecode_cache
   - ansible.builtin.action_common_attributes
 attributes:
   check_mode:
@@ -65,14 +66,6 @@ attributes:
   platform:
     platforms: posix
 notes:
-  - The module keeps the compiled bytecode of this collection's engine in a cache directory of
-    the user it runs as, C($XDG_CACHE_HOME/vdisk.qcow2/bytecode) (by default
-    C(~/.cache/vdisk.qcow2/bytecode), mode 0700, at most 128 files), in check mode too; Python
-    caches nothing for code shipped in Ansible's module zip, and compiling the engine on every
-    run was the largest cost of a re-check after Ansible's own. An entry is used only while its
-    source is unchanged and only when it and its directory belong to that user and nobody else
-    can write them. Set the environment variable C(VDISK_QCOW2_BYTECODE_CACHE=off) (for example
-    with the task's C(environment)) to turn the cache off.
   - Backing files and external data files are never opened.
   - RV(image.unsafe_reasons) vets a file before it is used as an untrusted template (the
     O(vdisk.qcow2.image#module:source) of M(vdisk.qcow2.image)); see the templates guide.

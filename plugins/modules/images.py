@@ -55,6 +55,7 @@ options:
     type: dict
     default: {}
 extends_documentation_fragment:
+  - vdisk.qcow2.bytecode_cache
   - ansible.builtin.action_common_attributes
   - action_common_attributes.files
 attributes:
@@ -77,14 +78,6 @@ attributes:
   vault:
     support: none
 notes:
-  - The module keeps the compiled bytecode of this collection's engine in a cache directory of
-    the user it runs as, C($XDG_CACHE_HOME/vdisk.qcow2/bytecode) (by default
-    C(~/.cache/vdisk.qcow2/bytecode), mode 0700, at most 128 files), in check mode too; Python
-    caches nothing for code shipped in Ansible's module zip, and compiling the engine on every
-    run was the largest cost of a re-check after Ansible's own. An entry is used only while its
-    source is unchanged and only when it and its directory belong to that user and nobody else
-    can write them. Set the environment variable C(VDISK_QCOW2_BYTECODE_CACHE=off) (for example
-    with the task's C(environment)) to turn the cache off.
   - Unlike a loop over M(vdisk.qcow2.image), the list is sent to the host once and converged
     by one process, which is faster for long lists.
   - Check mode predicts an overlay of an earlier item from that item's declared size only when
