@@ -51,6 +51,8 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 mkdir -p "$RUN_DIR/tmp"
 export TMPDIR=$RUN_DIR/tmp
+# The modules' caches (bytecode, remembered walks) of the local runs go there too.
+export XDG_CACHE_HOME=$RUN_DIR/cache
 
 # No cache in the tree; keep pytest's temporary directories only for failed tests (the
 # images of a passing run would otherwise fill /tmp, about 15 GB per run).

@@ -243,7 +243,7 @@ options:
     type: str
     choices: [fail, on_conflict, always]
 extends_documentation_fragment:
-  - vdisk.qcow2.bytecode_cache
+  - vdisk.qcow2.host_caches
   - ansible.builtin.files
   - ansible.builtin.action_common_attributes
   - action_common_attributes.files

@@ -52,7 +52,7 @@ options:
     type: str
     default: 64T
 extends_documentation_fragment:
-  - vdisk.qcow2.bytecode_cache
+  - vdisk.qcow2.host_caches
   - ansible.builtin.action_common_attributes
 attributes:
   check_mode:

@@ -55,7 +55,7 @@ options:
     type: dict
     default: {}
 extends_documentation_fragment:
-  - vdisk.qcow2.bytecode_cache
+  - vdisk.qcow2.host_caches
   - ansible.builtin.action_common_attributes
   - action_common_attributes.files
 attributes:

@@ -428,7 +428,7 @@ def observe(path, with_check=False, size=None):
 
     Never writes and takes no lock, so it works on images a running VM holds.
     """
-    from .read import lock
+    from .read import lock, memo
     from .read.allocation import allocation_state, chain_data_end, tail_leaks
     from .read.image import Image
     from .read.info import info as image_info
@@ -450,7 +450,12 @@ def observe(path, with_check=False, size=None):
         # What was read is what was looked at (the path was not swapped in between).
         nodes.check_fd_identity(path, os.fstat(image.fd), seen["identity"])
         info = image_info(path, image=image)
-        state = allocation_state(path, image=image)
+        # A big image's walk is remembered while the file is provably unchanged (read/memo).
+        token = memo.prepare(image)
+        state = memo.recall(token)
+        if state is None:
+            state = allocation_state(path, image=image)
+            memo.remember(token, image, state)
         try:
             tail = tail_leaks(path, image=image)
         except Qcow2Error:

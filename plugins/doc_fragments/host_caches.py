@@ -1,7 +1,7 @@
 # Copyright (c) 2026 vdisk.qcow2 developers
 # GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
 # SPDX-License-Identifier: GPL-3.0-or-later
-"""The note every module of the collection carries about its bytecode cache."""
+"""The notes every module of the collection carries about what it keeps on the host."""
 
 from __future__ import absolute_import, division, print_function
 __metaclass__ = type
@@ -20,4 +20,12 @@ notes:
     source is unchanged and only when it and its directory belong to that user and nobody else
     can write them. Set the environment variable C(VDISK_QCOW2_BYTECODE_CACHE=off) (for example
     with the task's C(environment)) to turn the cache off.
+  - For an image with at least 256 L2 tables (16 GiB or more with 64 KiB clusters), the result
+    of the walk over every L2 entry that tells its preallocation level is kept beside it, in
+    C(~/.cache/vdisk.qcow2/observations) (one small file per image, at most 256, private to the
+    user), together with the file's device, inode, size, blocks, modification and change times.
+    The next run uses it only when all of these are unchanged, which the kernel guarantees
+    after any write, truncation, fallocate or hole punch (the change time cannot be set back),
+    and only when the file had not changed for 2 seconds before the walk. Block devices are
+    always walked. C(VDISK_QCOW2_OBSERVATION_CACHE=off) turns this off.
 """
