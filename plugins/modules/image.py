@@ -409,6 +409,7 @@ image:
     dirty: false
     corrupt: false
     encrypted: false
+    encryption: null
     preallocation: "off"
     actual_size: 200704
     allocated_clusters: 0

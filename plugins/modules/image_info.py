@@ -195,6 +195,61 @@ image:
     encrypted:
       description: Whether the image is encrypted.
       type: bool
+    encryption:
+      description:
+        - How the image is encrypted, read from its headers without the passphrase (the
+          C(encrypt) block of C(qemu-img info)); V(null) when it is not encrypted. An image
+          with the legacy AES method has only RV(image.encryption.format).
+      type: dict
+      contains:
+        format:
+          description: V(luks), or V(aes) for the legacy method QEMU no longer opens.
+          type: str
+        cipher_alg:
+          description: Cipher and key size, as qemu-img names them (V(aes-256)).
+          type: str
+        cipher_mode:
+          description: Cipher mode (V(xts), V(cbc), V(ecb), V(ctr)).
+          type: str
+        ivgen_alg:
+          description: IV generator (V(plain64), V(plain), V(essiv)).
+          type: str
+        ivgen_hash_alg:
+          description: Hash of the V(essiv) IV generator; V(null) for the others.
+          type: str
+        hash_alg:
+          description: Hash of the key derivation (PBKDF2) and of the key digest.
+          type: str
+        uuid:
+          description: The UUID in the LUKS header.
+          type: str
+        payload_offset:
+          description: Byte offset of the encrypted payload within the LUKS volume.
+          type: int
+        master_key_iters:
+          description: PBKDF2 iterations of the master key digest.
+          type: int
+        active_slots:
+          description: Indexes (0-7) of the key slots that hold a key.
+          type: list
+          elements: int
+        slots:
+          description: The eight key slots, as qemu-img lists them.
+          type: list
+          elements: dict
+          contains:
+            active:
+              description: Whether the slot holds a key.
+              type: bool
+            key_offset:
+              description: Byte offset of the slot's key material within the LUKS volume.
+              type: int
+            iters:
+              description: PBKDF2 iterations of the slot's key (active slots only).
+              type: int
+            stripes:
+              description: Anti-forensic stripes of the slot's key (active slots only).
+              type: int
     preallocation:
       description:
         - The highest preallocation level the image satisfies, from its tables and the

@@ -479,6 +479,7 @@ def observe(path, with_check=False, size=None):
             "dirty": bool(info.get("dirty-flag")),
             "corrupt": bool(data.get("corrupt", False)),
             "encrypted": bool(hdr.crypt_method),
+            "encryption": encryption_view(data.get("encrypt")),
             "preallocation": state["preallocation"],
             "guest_data": bool(state["guest_data"]),
             "actual_size": info.get("actual-size", 0),
@@ -607,8 +608,26 @@ def _remove_unheld(path):
 
 IMAGE_KEYS = ("format", "virtual_size", "cluster_size", "compat", "refcount_bits",
               "lazy_refcounts", "extended_l2", "compression_type", "backing_file", "backing_fmt",
-              "data_file", "data_file_raw", "dirty", "corrupt", "encrypted", "preallocation",
+              "data_file", "data_file_raw", "dirty", "corrupt", "encrypted", "encryption",
+              "preallocation",
               "actual_size", "allocated_clusters", "in_use", "snapshots", "leaked_clusters")
+
+
+def encryption_view(encrypt):
+    """qemu-img info's `encrypt` block with the modules' names (None when not encrypted):
+    what is known without the passphrase."""
+    if not encrypt:
+        return None
+    view = {"format": encrypt.get("format")}
+    if view["format"] != "luks":
+        return view
+    for key in ("cipher-alg", "cipher-mode", "ivgen-alg", "ivgen-hash-alg", "hash-alg", "uuid",
+                "payload-offset", "master-key-iters"):
+        view[key.replace("-", "_")] = encrypt.get(key)
+    view["slots"] = [dict((k.replace("-", "_"), v) for k, v in slot.items())
+                     for slot in encrypt.get("slots", [])]
+    view["active_slots"] = [k for k, slot in enumerate(view["slots"]) if slot.get("active")]
+    return view
 
 
 def public_view(observed, vet_path=None, max_size=None):

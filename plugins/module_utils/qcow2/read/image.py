@@ -13,6 +13,7 @@ import struct
 
 from ..format import constants as C
 from ..format.errors import Qcow2Error
+from ..format import luks
 from ..format.header import decode_cluster0, find_extension
 from ..format.l2runs import (  # noqa: F401  (cluster types are part of this module's interface)
     UNALLOCATED, ZERO_PLAIN, ZERO_ALLOC, NORMAL, COMPRESSED, RefcountError, l2_runs,
@@ -40,19 +41,6 @@ BME_RESERVED_FLAGS = 0xFFFFFFFC
 BITMAP_TYPE_DIRTY = 1
 MAX_SNAPSHOT_EXTRA = 1024
 MAX_SNAPSHOTS_SIZE = 1024 * C.MAX_SNAPSHOTS
-LUKS_MAGIC = b"LUKS\xba\xbe"
-LUKS_PHDR_SIZE = 592
-LUKS_SLOTS = 8
-# Ciphers (with their key sizes), modes and hashes QEMU's LUKS driver knows.
-LUKS_CIPHERS = {b"aes": (16, 24, 32), b"serpent": (16, 24, 32), b"twofish": (16, 24, 32),
-                b"cast5": (16,), b"sm4": (16,)}
-LUKS_MODES = (b"ecb", b"cbc", b"xts", b"ctr")
-LUKS_HASHES = (b"md5", b"sha1", b"sha224", b"sha256", b"sha384", b"sha512", b"ripemd160",
-               b"sm3")
-LUKS_STRIPES = 4000
-LUKS_HEADER_SECTORS = 4096 // 512     # key material may not start inside the first 4 KiB
-LUKS_SLOT_ENABLED = 0x00AC71F3
-LUKS_SLOT_DISABLED = 0x0000DEAD
 
 
 DECODE_ERRORS = (struct.error, ValueError, OverflowError, IndexError, UnicodeError,
@@ -242,6 +230,7 @@ class Image(object):
             raise Qcow2Error("corrupt header: the image needs an external data file but names "
                              "none (QEMU: 'data-file' is required for this image)", path=path)
         self.crypto_offset = self.crypto_length = 0
+        self.luks = None
         crypto_seen = False
         for ext in exts:
             if ext.type != C.EXT_CRYPTO:
@@ -314,57 +303,21 @@ class Image(object):
                              path=self.path)
 
     def _check_luks_header(self):
-        """The part of the LUKS header QEMU parses at open that needs no passphrase: it must lie
-        inside the extension's area and carry the LUKS version 1 magic."""
-        if self.crypto_length < LUKS_PHDR_SIZE:
+        """The LUKS header, as far as QEMU checks it at open without a passphrase: inside the
+        extension's area, LUKS version 1, a cipher, mode and hash QEMU knows, key slots that
+        overlap nothing (format/luks.py). Kept parsed in self.luks."""
+        if self.crypto_length < luks.PHDR_SIZE:
             raise Qcow2Error("corrupt header: the encryption header area (%d bytes) is smaller "
                              "than a LUKS header" % self.crypto_length, path=self.path)
-        phdr = self.read(self.crypto_offset, 8)
-        if phdr[:6] != LUKS_MAGIC:
-            raise Qcow2Error("corrupt image: the encryption header at %#x is not in LUKS format"
-                             % self.crypto_offset, path=self.path)
-        version = struct.unpack(">H", phdr[6:8])[0]
-        if version != 1:
-            raise Qcow2Error("corrupt image: unsupported LUKS version %d in the encryption "
-                             "header" % version, path=self.path)
-        phdr = self.read(self.crypto_offset, LUKS_PHDR_SIZE)
-        payload, key_bytes = struct.unpack_from(">II", phdr, 104)
-        cipher = phdr[8:40].split(b"\0", 1)[0]
-        mode = phdr[40:72].split(b"\0", 1)[0]
-        digest = phdr[72:104].split(b"\0", 1)[0]
-        cipher_key = key_bytes // 2 if mode.startswith(b"xts") else key_bytes
-        if (mode.startswith(b"xts") and key_bytes % 2) or \
-                cipher_key not in LUKS_CIPHERS.get(cipher, ()):
-            raise Qcow2Error("corrupt image: LUKS cipher %r with a key of %d bytes is not "
-                             "supported" % (cipher.decode("ascii", "replace"), key_bytes),
-                             path=self.path)
-        if mode.split(b"-", 1)[0] not in LUKS_MODES or digest not in LUKS_HASHES:
-            raise Qcow2Error("corrupt image: LUKS cipher mode %r or hash %r is not supported"
-                             % (mode.decode("ascii", "replace"),
-                                digest.decode("ascii", "replace")), path=self.path)
-        stripe_sectors = ceil_div(key_bytes * LUKS_STRIPES, 512)
-        slots = []
-        for index in range(LUKS_SLOTS):
-            active, _iters = struct.unpack_from(">II", phdr, 208 + 48 * index)
-            start, stripes = struct.unpack_from(">II", phdr, 208 + 48 * index + 40)
-            problem = None
-            if stripes != LUKS_STRIPES:
-                problem = "has %d stripes, not %d" % (stripes, LUKS_STRIPES)
-            elif active not in (LUKS_SLOT_ENABLED, LUKS_SLOT_DISABLED):
-                problem = "has a corrupted state"
-            elif start < LUKS_HEADER_SECTORS:
-                problem = "overlaps the LUKS header"
-            elif payload < start + stripe_sectors:
-                problem = "overlaps the encrypted payload"
-            else:
-                for other, (ostart, oend) in enumerate(slots):
-                    if start < oend and ostart < start + stripe_sectors:
-                        problem = "overlaps key slot %d" % other
-                        break
-            if problem:
-                raise Qcow2Error("corrupt image: LUKS key slot %d %s" % (index, problem),
-                                 path=self.path)
-            slots.append((start, start + stripe_sectors))
+        try:
+            fields = luks.parse(self.read(self.crypto_offset, luks.PHDR_SIZE))
+        except ValueError as exc:
+            raise Qcow2Error("corrupt image: the encryption header at %#x: %s"
+                             % (self.crypto_offset, exc), path=self.path)
+        found = luks.problem(fields)
+        if found:
+            raise Qcow2Error("corrupt image: " + found, path=self.path)
+        self.luks = fields
 
     def _parse_bitmaps_extension(self):
         """The bitmaps extension. Its length is checked always; the rest only when the

@@ -5,6 +5,7 @@
 file."""
 
 from ..format import constants as C
+from ..format import luks
 from .image import BME_FLAG_AUTO, BME_FLAG_IN_USE, Opened, guard, path_combine, st_blocks_bytes
 
 __all__ = ["info"]
@@ -53,6 +54,8 @@ def info(path, image=None):
         result["format-specific"] = {"type": "qcow2", "data": data}
         if hdr.crypt_method:
             result["encrypted"] = True
+            data["encrypt"] = luks.describe(img.luks) if img.luks is not None else \
+                {"format": "aes" if hdr.crypt_method == C.CRYPT_AES else "luks"}
         if img.backing_file:
             result["backing-filename"] = img.backing_file
             result["full-backing-filename"] = path_combine(path, img.backing_file)
