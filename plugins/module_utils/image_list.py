@@ -56,6 +56,23 @@ def _depends_on(params, path):
     return out
 
 
+# The keys of an item's result that its summary keeps (the role's qcow2_images_results).
+SUMMARY_KEYS = ("changed", "failed", "skipped", "msg", "skip_reason", "actions", "image",
+                "conflicts", "backup_file", "method")
+
+
+def summarise(merged, result):
+    """One element of `summary`: the item's declared path and state (after the defaults),
+    then the keys of SUMMARY_KEYS its result has."""
+    state = merged.get("state") if isinstance(merged, dict) else None
+    out = {"path": merged.get("path") if isinstance(merged, dict) else None,
+           "state": state or "present"}
+    for key in SUMMARY_KEYS:
+        if key in result:
+            out[key] = result[key]
+    return out
+
+
 class ImageList(object):
     """One run over the list. `run()` returns (results, failures, skips): one result per item
     in list order, and the labels of the failed and skipped items."""
@@ -72,6 +89,7 @@ class ImageList(object):
 
     def run(self):
         results, failures, skips = [], [], []
+        self.summary = []
         for index, item in enumerate(self.images):
             result = self.converge_item(index, item)
             where = label(index, result.get("path"))
@@ -80,6 +98,7 @@ class ImageList(object):
             elif result.get("skipped"):
                 skips.append("%s: %s" % (where, result.get("skip_reason")))
             results.append(result)
+            self.summary.append(summarise(merge(self.defaults, item), result))
         return results, failures, skips
 
     def converge_item(self, index, item):

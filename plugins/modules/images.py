@@ -133,6 +133,24 @@ EXAMPLES = r"""
 """
 
 RETURN = r"""
+summary:
+  description:
+    - One compact element per item of O(images), in list order (what the role
+      C(vdisk.qcow2.images) registers as C(qcow2_images_results)) - the item's C(path)
+      and C(state) as declared (after O(defaults); V(present) when not given), then
+      those of C(changed), C(failed), C(skipped), C(msg), C(skip_reason), C(actions), C(image),
+      C(conflicts), C(backup_file) and C(method) that the item's result in RV(results) has.
+  returned: always
+  type: list
+  elements: dict
+  sample:
+    - path: /var/lib/images/web01.qcow2
+      state: present
+      changed: false
+      failed: false
+      skipped: false
+      actions: []
+      image: {format: qcow2, virtual_size: 21474836480, preallocation: metadata}
 results:
   description:
     - One result per item of O(images), in list order, each the dict M(vdisk.qcow2.image)
@@ -230,9 +248,10 @@ def main():
     )
     if "path" in module.params["defaults"]:
         module.fail_json(msg="defaults: path is given per item of images, not in defaults")
-    results, failures, skips = image_list.ImageList(
-        module, module.params["images"], module.params["defaults"]).run()
-    out = dict(changed=any(r.get("changed") for r in results), results=results)
+    runner = image_list.ImageList(module, module.params["images"], module.params["defaults"])
+    results, failures, skips = runner.run()
+    out = dict(changed=any(r.get("changed") for r in results), results=results,
+               summary=runner.summary)
     if module._diff:
         # As the callback shows a loop's diffs: those of the items that changed.
         out["diff"] = [r["diff"] for r in results if r.get("diff") and r.get("changed")]

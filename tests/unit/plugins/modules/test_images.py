@@ -18,6 +18,7 @@ from ansible.module_utils.testing import patch_module_args
 
 from ansible_collections.vdisk.qcow2.plugins.modules import image as image_module
 from ansible_collections.vdisk.qcow2.plugins.modules import images as images_module
+from ansible_collections.vdisk.qcow2.plugins.module_utils.image_list import SUMMARY_KEYS
 from ansible_collections.vdisk.qcow2.tests.unit.plugins.modules import module_runs
 
 
@@ -211,6 +212,14 @@ def test_failing_item_others_converged_dependents_skipped(tmp_path, capsys):
     assert os.path.exists(images[4]["path"])
     assert not os.path.exists(images[1]["path"]) and not os.path.exists(images[3]["path"])
     assert predicted["msg"] == done["msg"]
+    # The summary (the role's qcow2_images_results): declared path and state, then the outcome.
+    summary = done["summary"]
+    assert [e["path"] for e in summary] == [i["path"] for i in images]
+    assert [e["state"] for e in summary] == ["present"] * 5
+    for entry, result in zip(summary, done["results"]):
+        assert set(entry) - {"path", "state"} == set(result) & set(SUMMARY_KEYS)
+        assert all(entry[k] == result[k] for k in set(entry) - {"path", "state"})
+    assert "owner" not in summary[4] and "owner" in done["results"][4]
 
 
 def test_null_drops_a_default_and_false_is_kept(tmp_path, capsys):
