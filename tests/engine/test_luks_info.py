@@ -5,13 +5,16 @@
 `encrypt` block of our info equals qemu-img info's for images qemu-img made with each kind of
 cipher, mode and IV generator, and the modules' `encryption` view says the same."""
 
+import json
 import os
+import struct
 
 import pytest
 
 import oracle
 from qcow2 import api
 from qcow2.read import inspector
+from qcow2.read.image import Image
 
 pytestmark = pytest.mark.skipif(oracle.QEMU_IMG is None and not os.environ.get("CI"),
                                 reason="qemu-img not installed (CI installs it)")
@@ -64,3 +67,42 @@ def test_plain_image_has_no_encryption(tmp_path):
     assert "encrypt" not in inspector.info(path)["format-specific"]["data"]
     view = api.public_view(api.observe(path))
     assert view["encrypted"] is False and view["encryption"] is None
+
+
+def _qemu_check(path):
+    """qemu-img check of a LUKS image (which it opens only with the key)."""
+    proc = oracle.run(oracle.QEMU_IMG, "check", "--output=json", "--object",
+                      "secret,id=s0,data=abc", "--image-opts",
+                      "driver=qcow2,file.filename=%s,encrypt.key-secret=s0" % path)
+    return json.loads(proc.stdout)
+
+
+KEYS = ("check-errors", "corruptions", "leaks", "image-end-offset", "total-clusters",
+        "allocated-clusters")
+
+
+def test_check_counts_the_luks_header_clusters_as_qemu_img_does(tmp_path):
+    """Our check needs no passphrase; it agrees with qemu-img check (given the key) on a used
+    encrypted image, and on one whose LUKS header cluster lost its reference count."""
+    path = str(tmp_path / "used.qcow2")
+    oracle.qemu_luks(path, "16M")
+    proc = oracle.run(oracle.QEMU_IO, "--object", "secret,id=s0,data=abc", "--image-opts",
+                      "driver=qcow2,file.filename=%s,encrypt.key-secret=s0" % path,
+                      "-c", "write -P 0x41 0 1M")
+    assert proc.returncode == 0, proc.stderr
+    ours, theirs = inspector.check(path), _qemu_check(path)
+    assert [ours.get(k, 0) for k in KEYS] == [theirs.get(k, 0) for k in KEYS]
+    assert not ours.get("corruptions") and not ours.get("leaks")
+    # The first cluster of the LUKS header, its 16-bit refcount set to 0.
+    image = Image.open(path)
+    try:
+        cs, header_cluster = image.cluster_size, image.crypto_offset // image.cluster_size
+        refblock = image.reftable_entry(0)
+    finally:
+        image.close()
+    with open(path, "r+b") as handle:
+        handle.seek(refblock + 2 * header_cluster)
+        handle.write(struct.pack(">H", 0))
+    ours, theirs = inspector.check(path), _qemu_check(path)
+    assert theirs["corruptions"] >= 1 and cs == 65536
+    assert [ours.get(k, 0) for k in KEYS] == [theirs.get(k, 0) for k in KEYS]
