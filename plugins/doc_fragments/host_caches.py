@@ -20,7 +20,7 @@ notes:
     source is unchanged and only when it and its directory belong to that user and nobody else
     can write them. Set the environment variable C(VDISK_QCOW2_BYTECODE_CACHE=off) (for example
     with the task's C(environment)) to turn the cache off.
-  - For an image with at least 256 L2 tables (16 GiB or more with 64 KiB clusters), the result
+  - For an image with at least 256 L2 tables (128 GiB or more with 64 KiB clusters), the result
     of the walk over every L2 entry that tells its preallocation level is kept beside it, in
     C(~/.cache/vdisk.qcow2/observations) (one small file per image, at most 256, private to the
     user), together with the file's device, inode, size, blocks, modification and change times.
