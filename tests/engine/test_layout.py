@@ -21,10 +21,11 @@ MODULE_UTILS = os.path.normpath(os.path.join(HERE, os.pardir, os.pardir, "plugin
                                              "module_utils"))
 ENGINE = os.path.join(MODULE_UTILS, "qcow2")
 
-# A subpackage may import its own modules and those of a lower rank; edit and copy, of the
-# same rank, never import each other. The top (api, reconcile) is the door the modules use.
-RANK = {"format": 0, "read": 1, "create": 2, "edit": 3, "copy": 3, "": 4}
-LAZY = ("create", "edit", "copy")
+# A subpackage may import its own modules and those of a lower rank; subpackages of the same
+# rank (read and crypto; edit and copy) never import each other. The top (api, reconcile) is
+# the door the modules use.
+RANK = {"format": 0, "read": 1, "crypto": 1, "create": 2, "edit": 3, "copy": 3, "": 4}
+LAZY = ("create", "edit", "copy", "crypto")
 
 
 def _engine_modules():
