@@ -80,6 +80,17 @@ def qemu_luks(path, size="1M", secret="abc", fmt="qcow2", options=""):
     shutil.copyfile(_LUKS_MADE[key], path)
 
 
+def needs_luks_tools():
+    """The LUKS key-slot tests need the cryptography package and qemu-io: fail under CI
+    without them, skip elsewhere (see unavailable)."""
+    import importlib.util
+    if importlib.util.find_spec("cryptography") is None:
+        unavailable("luks", "the Python package cryptography is not installed "
+                    "(scripts/setup-debian.sh installs it into .venv-test)")
+    if QEMU_IO is None:
+        unavailable("luks", "qemu-io is not installed")
+
+
 def _luks_dir():
     """One temporary directory for the session's LUKS images, removed at exit."""
     if not _LUKS_DIR:

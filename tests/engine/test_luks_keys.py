@@ -17,19 +17,14 @@ from qcow2.format.errors import Qcow2Error
 from qcow2.read.image import Image
 
 try:
-    import cryptography  # noqa: F401 pylint: disable=unused-import
     from qcow2.crypto import luks1
-except ImportError:
+except ImportError:     # the module itself imports cryptography only when it encrypts
     luks1 = None
 
 
 @pytest.fixture(autouse=True)
 def needs_tools():
-    if luks1 is None:
-        oracle.unavailable("luks", "the Python package cryptography is not installed "
-                           "(scripts/setup-debian.sh installs it into .venv-test)")
-    if oracle.QEMU_IO is None:
-        oracle.unavailable("luks", "qemu-io is not installed")
+    oracle.needs_luks_tools()
 
 
 def _seeded(seed):

@@ -15,10 +15,12 @@ that also count themselves". With an external data file the data clusters live t
 entries map guest cluster k to data-file offset k (identity) and are not refcounted.
 """
 
+import struct
+
 from ..format import constants as C
 from .allocator import QemuCreateModel, div_round_up, refcount_metadata_size
 from ..format.errors import Qcow2Error
-from ..format.header import Header, encode_cluster0, standard_extensions
+from ..format.header import Extension, Header, encode_cluster0, standard_extensions
 from ..format.tables import padded, progression, refcount_runs, zeros
 
 
@@ -113,23 +115,45 @@ def l1_entries(size, cluster_size, extended_l2):
     return div_round_up(div_round_up(size, cluster_size), per_l2)
 
 
-def _cluster0_region(hdr, opts):
+def _cluster0_region(hdr, opts, crypto=None):
     exts = standard_extensions(opts.version, opts.cluster_size, opts.backing_fmt, opts.data_file)
+    if crypto is not None:
+        exts.insert(0, Extension(C.EXT_CRYPTO, struct.pack(">QQ", *crypto)))
     data = encode_cluster0(hdr, exts, opts.backing_file)
     return Region("header", 0, len(data), lambda: iter((data,)))
 
 
-def plan_create(opts, zero_flag=False, data_bitmap=None):
+def plan_create(opts, zero_flag=False, data_bitmap=None, luks_header=None):
     """Plan a new image for validated CreateOptions.
 
     `zero_flag` marks preallocated clusters as reading zeros (for targets without zero-init
     such as block devices); it needs compat 1.1.
+
+    `luks_header` (the bytes of a LUKS header region, crypto/luks1.build) makes a LUKS
+    encrypted image: the header in its own clusters after the refcount blocks, pointed to by
+    the full disk encryption extension. Preallocated clusters then carry the zero flag, so the
+    guest reads zeros from them without decrypting anything; compat 1.1 is needed for it and
+    `full` (which would write encrypted zeros) is not planned here.
     """
     mode = opts.effective_preallocation
     plan = Plan(opts, mode)
     if opts.data_file:
         plan.data_file_size = opts.size
-    if mode == "off":
+    if luks_header is not None:
+        if opts.version == 2:
+            why = "needs compat 1.1 (compat 0.10 has no zero flag, nor LUKS)"
+        elif opts.data_file:
+            why = "is made with no data file (QEMU encrypts the data file's clusters too)"
+        elif mode == "full":
+            why = "is not made with preallocation full yet (it would write encrypted zeros); " \
+                "off, metadata and falloc read zeros"
+        else:
+            why = None
+        if why:
+            raise Qcow2Error("encrypt_format: a LUKS image " + why, option="encrypt_format")
+        plan.zero_flag = True
+        _plan_prealloc(plan, opts, luks_header)
+    elif mode == "off":
         _plan_off(plan, opts)
     else:
         if zero_flag and opts.version == 2:
@@ -177,24 +201,27 @@ def _run_region(run, contents, cs):
     return Region("metadata", run[0] * cs, len(data), lambda: iter((data,)))
 
 
-def _plan_prealloc(plan, opts):
+def _plan_prealloc(plan, opts, luks_header=None):
     cs = opts.cluster_size
     cluster_count = div_round_up(opts.size, cs)
     entry_size = C.l2_entry_size(opts.extended_l2)
     per_l2 = cs // entry_size
-    n_l2 = div_round_up(cluster_count, per_l2)
-    n_l1 = n_l2
+    n_l1 = div_round_up(cluster_count, per_l2)
+    # An encrypted image with preallocation off: an empty L1 table, no L2 tables, no data.
+    allocate = plan.mode != "off"
+    n_l2 = n_l1 if allocate else 0
     l1_clusters = div_round_up(n_l1 * 8, cs)
     external = bool(opts.data_file)
-    data_clusters = 0 if external else cluster_count
-    counted = 1 + l1_clusters + n_l2 + data_clusters
+    data_clusters = 0 if external or not allocate else cluster_count
+    crypto_clusters = div_round_up(len(luks_header), cs) if luks_header is not None else 0
+    counted = 1 + crypto_clusters + l1_clusters + n_l2 + data_clusters
     # With clusters smaller than a filesystem block, start the data on a 4 KiB boundary so no
     # block holds both metadata and (hole) data clusters; the gap clusters stay free.
     align = max(1, 4096 // cs)
     gap = 0
     while True:
         blocks, table = refcount_metadata_size(counted + gap, cs, opts.refcount_order, False)
-        data_at = 1 + table + blocks + l1_clusters + n_l2
+        data_at = 1 + table + blocks + crypto_clusters + l1_clusters + n_l2
         new_gap = (-data_at) % align if data_clusters else 0
         if new_gap == gap:
             break
@@ -209,7 +236,8 @@ def _plan_prealloc(plan, opts):
 
     reftable_at = 1
     refblocks_at = reftable_at + table
-    l1_at = refblocks_at + blocks
+    crypto_at = refblocks_at + blocks
+    l1_at = crypto_at + crypto_clusters
     l2_at = l1_at + l1_clusters
     data_at = l2_at + n_l2 + gap
     end = data_at + data_clusters
@@ -220,7 +248,11 @@ def _plan_prealloc(plan, opts):
     hdr.refcount_table_offset = reftable_at * cs
     hdr.refcount_table_clusters = table
     plan.header = hdr
-    plan.regions.append(_cluster0_region(hdr, opts))
+    crypto = None
+    if luks_header is not None:
+        hdr.crypt_method = C.CRYPT_LUKS
+        crypto = (crypto_at * cs, len(luks_header))
+    plan.regions.append(_cluster0_region(hdr, opts, crypto))
 
     order = opts.refcount_order
     plan.regions.append(Region(
@@ -229,7 +261,14 @@ def _plan_prealloc(plan, opts):
     plan.regions.append(Region(
         "refcount blocks", refblocks_at * cs, blocks * cs,
         lambda: refcount_runs(((0, data_at - gap), (data_at, end)), order, blocks * cs)))
-    if n_l1:
+    if crypto_clusters:
+        padded_header = luks_header + bytes(crypto_clusters * cs - len(luks_header))
+        plan.regions.append(Region("encryption header", crypto_at * cs, len(padded_header),
+                                   lambda: iter((padded_header,))))
+    if n_l1 and not allocate:
+        plan.regions.append(Region("L1 table", l1_at * cs, l1_clusters * cs,
+                                   lambda: zeros(l1_clusters * cs)))
+    elif n_l1:
         plan.regions.append(Region(
             "L1 table", l1_at * cs, l1_clusters * cs,
             lambda: padded(progression((l2_at * cs) | C.OFLAG_COPIED, cs, n_l1),
