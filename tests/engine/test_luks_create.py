@@ -1,7 +1,7 @@
 # Copyright (c) 2026 vdisk.qcow2 developers
 # GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
 # SPDX-License-Identifier: GPL-3.0-or-later
-"""LUKS-encrypted images the engine makes (api.create_encrypted), judged by QEMU given the
+"""LUKS-encrypted images the engine makes (api.create with a passphrase), judged by QEMU given the
 key: qemu-img check clean, the guest reads zeros everywhere (also from preallocated
 clusters, which QEMU's own preallocated encrypted images do not), and what qemu-io writes
 reads back; without the key our info and check agree with qemu-img's."""
@@ -49,9 +49,9 @@ KEYS = ("check-errors", "corruptions", "leaks", "image-end-offset", "total-clust
 @pytest.mark.parametrize("mode", ["off", "metadata", "falloc"])
 def test_qemu_reads_zeros_and_back_what_it_wrote(tmp_path, mode, cluster_size):
     path = str(tmp_path / "enc.qcow2")
-    made = api.create_encrypted(path, {"size": SIZE, "preallocation": mode,
-                                       "cluster_size": cluster_size}, b"pw",
-                                iterations=(1000, 1000))
+    made = api.create(path, {"size": SIZE, "preallocation": mode,
+                             "cluster_size": cluster_size}, passphrase=b"pw",
+                      iterations=(1000, 1000))
     assert made["preallocation"] == mode
     fresh = _qemu_check(path)
     assert not fresh.get("corruptions") and not fresh.get("leaks"), fresh
@@ -83,6 +83,6 @@ def test_qemu_reads_zeros_and_back_what_it_wrote(tmp_path, mode, cluster_size):
 def test_what_is_not_made_encrypted_is_named(tmp_path, values, word):
     path = str(tmp_path / "enc.qcow2")
     with pytest.raises(Qcow2Error) as err:
-        api.create_encrypted(path, dict(values, size=SIZE), b"pw", iterations=(1000, 1000))
+        api.create(path, dict(values, size=SIZE), passphrase=b"pw", iterations=(1000, 1000))
     assert err.value.option == "encrypt_format" and word in str(err.value)
     assert not os.path.exists(path)

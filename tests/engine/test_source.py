@@ -89,16 +89,20 @@ def guest_digest(src):
     data = [(o, o + n) for o, n, d in extents if d]
     read = 0
     chunk_at = -step
+    first = 0                               # the first data extent that ends past chunk_at
     for start, end in data:
         for chunk_at in range(max(start - start % step, chunk_at + step), end, step):
             chunk = bytearray(min(step, src.size - chunk_at))
-            for d_start, d_end in data:     # every data extent within this chunk
+            while data[first][1] <= chunk_at:
+                first += 1
+            for d_start, d_end in data[first:]:     # the data extents within this chunk
+                if d_start >= chunk_at + len(chunk):
+                    break
                 lo, hi = max(d_start, chunk_at), min(d_end, chunk_at + len(chunk))
-                if lo < hi:
-                    piece = src.read(lo, hi - lo)
-                    assert len(piece) == hi - lo
-                    chunk[lo - chunk_at:hi - chunk_at] = piece
-                    read += hi - lo
+                piece = src.read(lo, hi - lo)
+                assert len(piece) == hi - lo
+                chunk[lo - chunk_at:hi - chunk_at] = piece
+                read += hi - lo
             digest.add(chunk_at, bytes(chunk))
     return digest.hexdigest(), read, extents
 

@@ -178,8 +178,14 @@ def create_from(path, values, source, source_format, replace=False, mode=0o644,
         src.close()
 
 
-def create(path, values, replace=False, mode=0o644, check_backing=True):
-    """Create a qcow2 image at `path` from option values (dict). Returns a result dict."""
+def create(path, values, replace=False, mode=0o644, check_backing=True, passphrase=None,
+           iterations=None):
+    """Create a qcow2 image at `path` from option values (dict). Returns a result dict.
+
+    With `passphrase` (bytes) the image is LUKS encrypted (aes-256-xts-plain64, QEMU's
+    default; key slot 0 opens with it, `iterations` its PBKDF2 rounds) and its preallocated
+    clusters read zeros (zero flag). The engine's part of issue 19: the modules do not offer
+    it yet."""
     from .create import writer
     from .create.planner import plan_create
     # A link at the image path is never followed nor replaced; a FIFO, socket, character
@@ -194,7 +200,14 @@ def create(path, values, replace=False, mode=0o644, check_backing=True):
         if _in_use(lock, path):
             raise Qcow2Error("%s: the image is in use by a running QEMU; it is not replaced"
                              % path, path=path)
-    plan = plan_create(opts, zero_flag=device)
+    luks_header = None
+    if passphrase is not None:
+        if device:
+            raise Qcow2Error("encrypt_format: an encrypted image is not written onto a block "
+                             "device here", option="encrypt_format")
+        from .crypto import luks1
+        luks_header = luks1.build(passphrase, iterations=iterations)[0]
+    plan = plan_create(opts, zero_flag=device, luks_header=luks_header)
     if device:
         if not replace:
             raise Qcow2Error("%s: is a block device that may hold data; writing an image onto "
@@ -204,24 +217,6 @@ def create(path, values, replace=False, mode=0o644, check_backing=True):
         data_path = resolve_relative(path, opts.data_file) if opts.data_file else None
         result = writer.create_file(path, plan, replace=replace, mode=mode,
                                     data_file_path=data_path)
-    out = result.as_dict()
-    out.update({"path": path, "file_size": plan.file_size, "preallocation": plan.mode,
-                "virtual_size": opts.size, "cluster_size": opts.cluster_size})
-    return out
-
-
-def create_encrypted(path, values, passphrase, iterations=None):
-    """Create a LUKS-encrypted qcow2 image (aes-256-xts-plain64, QEMU's default) whose key
-    slot 0 opens with `passphrase` (bytes); preallocated clusters read zeros (zero flag).
-    The engine's part of issue 19: the modules do not offer it yet."""
-    from .create import writer
-    from .create.planner import plan_create
-    from .crypto import luks1
-    nodes.check_node(path)
-    opts = parse_options(path, values)
-    region, _master = luks1.build(passphrase, iterations=iterations)
-    plan = plan_create(opts, luks_header=region)
-    result = writer.create_file(path, plan)
     out = result.as_dict()
     out.update({"path": path, "file_size": plan.file_size, "preallocation": plan.mode,
                 "virtual_size": opts.size, "cluster_size": opts.cluster_size})

@@ -107,14 +107,15 @@ def build(passphrase, key_bytes=64, hash_name="sha256", iterations=None, master_
     region = bytearray(payload * luks.SECTOR)
     mk_salt = random(SALT_SIZE)
     mk_digest = hashlib.pbkdf2_hmac(hash_name, master_key, mk_salt, mk_iters, DIGEST_SIZE)
-    struct.pack_into(">6sH32s32s32sII20s32sI40s", region, 0, luks.MAGIC, 1, b"aes",
-                     b"xts-plain64", hash_name.encode(), payload, key_bytes, mk_digest, mk_salt,
-                     mk_iters, str(uuid.UUID(bytes=random(16), version=4)).encode())
+    luks.HEAD.pack_into(region, 0, luks.MAGIC, 1, b"aes", b"xts-plain64", hash_name.encode(),
+                        payload, key_bytes, mk_digest, mk_salt, mk_iters,
+                        str(uuid.UUID(bytes=random(16), version=4)).encode())
     for index in range(luks.SLOTS):
         start = ALIGN_SECTORS + index * per_slot
+        at = luks.SLOTS_AT + 48 * index
         if index:
-            struct.pack_into(">II32sII", region, 208 + 48 * index, luks.SLOT_DISABLED, 0,
-                             bytes(SALT_SIZE), start, luks.STRIPES)
+            luks.SLOT.pack_into(region, at, luks.SLOT_DISABLED, 0, bytes(SALT_SIZE), start,
+                                luks.STRIPES)
             continue
         salt = random(SALT_SIZE)
         slot_key = hashlib.pbkdf2_hmac(hash_name, passphrase, salt, slot_iters, key_bytes)
@@ -122,8 +123,7 @@ def build(passphrase, key_bytes=64, hash_name="sha256", iterations=None, master_
         material += bytes(-len(material) % luks.SECTOR)
         encrypted = _aes_xts(slot_key, 0, material, True)
         region[start * luks.SECTOR:start * luks.SECTOR + len(encrypted)] = encrypted
-        struct.pack_into(">II32sII", region, 208, luks.SLOT_ENABLED, slot_iters, salt, start,
-                         luks.STRIPES)
+        luks.SLOT.pack_into(region, at, luks.SLOT_ENABLED, slot_iters, salt, start, luks.STRIPES)
     return bytes(region), master_key
 
 
@@ -137,19 +137,18 @@ def unlock(region, passphrase):
                             fields["mode"].decode("ascii", "replace")), option="encrypt_format")
     hash_name = fields["hash"].decode("ascii")
     key_bytes = fields["key_bytes"]
-    _magic, _v, _c, _m, _h, _p, _k, mk_digest, mk_salt, mk_iters, _u = struct.unpack_from(
-        ">6sH32s32s32sII20s32sI40s", region, 0)
     size = -(-key_bytes * luks.STRIPES // luks.SECTOR) * luks.SECTOR
-    for index, slot in enumerate(fields["slots"]):
+    for slot in fields["slots"]:
         if slot["state"] != luks.SLOT_ENABLED:
             continue
-        salt = region[208 + 48 * index + 8:208 + 48 * index + 40]
-        slot_key = hashlib.pbkdf2_hmac(hash_name, passphrase, salt, slot["iters"], key_bytes)
+        slot_key = hashlib.pbkdf2_hmac(hash_name, passphrase, slot["salt"], slot["iters"],
+                                       key_bytes)
         start = slot["start"] * luks.SECTOR
         material = _aes_xts(slot_key, 0, region[start:start + size], False)
         candidate = af_merge(material, key_bytes, luks.STRIPES, hash_name)
-        check = hashlib.pbkdf2_hmac(hash_name, candidate, mk_salt, mk_iters, DIGEST_SIZE)
-        if hmac.compare_digest(check, mk_digest):
+        check = hashlib.pbkdf2_hmac(hash_name, candidate, fields["mk_salt"], fields["mk_iters"],
+                                    DIGEST_SIZE)
+        if hmac.compare_digest(check, fields["mk_digest"]):
             return candidate
     raise Qcow2Error("encrypt_passphrase: the passphrase opens no key slot of the image",
                      option="encrypt_passphrase")

@@ -21,9 +21,11 @@ CIPHERS = {b"aes": (16, 24, 32), b"serpent": (16, 24, 32), b"twofish": (16, 24, 
 MODES = (b"ecb", b"cbc", b"xts", b"ctr")
 HASHES = (b"md5", b"sha1", b"sha224", b"sha256", b"sha384", b"sha512", b"ripemd160", b"sm3")
 
-_HEAD = struct.Struct(">6sH32s32s32sII20s32sI40s")
-_SLOT = struct.Struct(">II32sII")
-_SLOTS_AT = 208
+# The header's fields, then each key slot's (at SLOTS_AT + 48 * index): shared by the parser
+# here and by crypto/luks1, which writes headers.
+HEAD = struct.Struct(">6sH32s32s32sII20s32sI40s")
+SLOT = struct.Struct(">II32sII")
+SLOTS_AT = 208
 
 
 def _text(raw):
@@ -33,19 +35,20 @@ def _text(raw):
 def parse(phdr):
     """The fields of a LUKS1 header (PHDR_SIZE bytes), as read: a dict with bytes for the
     names and ints for the numbers. Raises ValueError for another magic or version."""
-    (magic, version, cipher, mode, digest, payload, key_bytes, _mk_digest, _mk_salt, mk_iters,
-     uuid) = _HEAD.unpack_from(phdr, 0)
+    (magic, version, cipher, mode, digest, payload, key_bytes, mk_digest, mk_salt, mk_iters,
+     uuid) = HEAD.unpack_from(phdr, 0)
     if magic != MAGIC:
         raise ValueError("it is not in LUKS format")
     if version != 1:
         raise ValueError("unsupported LUKS version %d" % version)
     slots = []
     for index in range(SLOTS):
-        active, iters, _salt, start, stripes = _SLOT.unpack_from(phdr, _SLOTS_AT + 48 * index)
-        slots.append({"state": active, "iters": iters, "start": start, "stripes": stripes})
+        active, iters, salt, start, stripes = SLOT.unpack_from(phdr, SLOTS_AT + 48 * index)
+        slots.append({"state": active, "iters": iters, "salt": salt, "start": start,
+                      "stripes": stripes})
     return {"cipher": _text(cipher), "mode": _text(mode), "hash": _text(digest),
-            "payload": payload, "key_bytes": key_bytes, "mk_iters": mk_iters,
-            "uuid": _text(uuid), "slots": slots}
+            "payload": payload, "key_bytes": key_bytes, "mk_digest": mk_digest,
+            "mk_salt": mk_salt, "mk_iters": mk_iters, "uuid": _text(uuid), "slots": slots}
 
 
 def problem(fields):
