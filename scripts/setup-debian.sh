@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install what the tests and the demo need on a Debian machine, idempotently:
 #   - qemu-utils (qemu-img and qemu-io: the test oracle, never a runtime dependency)
+#   - cryptsetup-bin (cryptsetup: a second judge of the LUKS headers the engine makes; tests only)
 #   - Python virtual environments with the test tools, on the newest Python >= 3.12 found
 #     (pyenv's or the system's), plus a Python 3.9 one for the oldest managed-node Python.
 set -euo pipefail
@@ -27,7 +28,7 @@ need_pkg() {
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$pkg" >/dev/null
 }
 
-for pkg in ${VDISK_APT_PACKAGES:-qemu-utils shellcheck}; do
+for pkg in ${VDISK_APT_PACKAGES:-qemu-utils cryptsetup-bin shellcheck}; do
     need_pkg "$pkg"
 done
 
