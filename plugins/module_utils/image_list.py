@@ -23,7 +23,8 @@ def item_validator():
     for key, value in FILE_COMMON_ARGUMENTS.items():
         spec.setdefault(key, dict(value))
     return ArgumentSpecValidator(spec, required_together=image_task.REQUIRED_TOGETHER,
-                                 required_by=image_task.REQUIRED_BY)
+                                 required_by=image_task.REQUIRED_BY,
+                                 mutually_exclusive=image_task.MUTUALLY_EXCLUSIVE)
 
 
 def merge(defaults, item):

@@ -15,6 +15,7 @@ from ansible_collections.vdisk.qcow2.plugins.module_utils import module_support
 from ansible_collections.vdisk.qcow2.plugins.module_utils.qcow2 import api
 from ansible_collections.vdisk.qcow2.plugins.module_utils.qcow2.read import nodes
 from ansible_collections.vdisk.qcow2.plugins.module_utils.qcow2 import reconcile
+from ansible_collections.vdisk.qcow2.plugins.module_utils.qcow2.format import encryption
 from ansible_collections.vdisk.qcow2.plugins.module_utils.qcow2.format.errors import Qcow2Error
 
 
@@ -45,11 +46,56 @@ def argument_spec():
         source=dict(type="path"),
         source_format=dict(type="str", choices=["raw", "qcow2"]),
         source_backing_chain=dict(type="bool", default=False),
+        encrypt_format=dict(type="str", choices=list(encryption.FORMATS)),
+        encrypt_passphrase=dict(type="str", no_log=True),
+        encrypt_passphrase_file=dict(type="path"),
+        encrypt_cipher_alg=dict(type="str", choices=list(encryption.CIPHER_ALGS)),
+        encrypt_cipher_mode=dict(type="str", choices=list(encryption.CIPHER_MODES)),
+        encrypt_ivgen_alg=dict(type="str", choices=list(encryption.IVGEN_ALGS)),
+        encrypt_ivgen_hash_alg=dict(type="str", choices=list(encryption.HASH_ALGS)),
+        encrypt_hash_alg=dict(type="str", choices=list(encryption.HASH_ALGS)),
+        encrypt_iter_time=dict(type="int"),
     )
 
 
 REQUIRED_TOGETHER = [("backing_file", "backing_fmt"), ("source", "source_format")]
-REQUIRED_BY = {"data_file_raw": "data_file"}
+REQUIRED_BY = {"data_file_raw": "data_file", "encrypt_passphrase": "encrypt_format",
+               "encrypt_passphrase_file": "encrypt_format",
+               "encrypt_cipher_alg": "encrypt_format", "encrypt_cipher_mode": "encrypt_format",
+               "encrypt_ivgen_alg": "encrypt_format", "encrypt_ivgen_hash_alg": "encrypt_format",
+               "encrypt_hash_alg": "encrypt_format", "encrypt_iter_time": "encrypt_format"}
+MUTUALLY_EXCLUSIVE = [("encrypt_passphrase", "encrypt_passphrase_file")]
+# The most a passphrase file may hold (QEMU's secrets are small; a bound keeps a hostile file
+# from filling memory).
+PASSPHRASE_FILE_LIMIT = 64 * 1024
+
+
+def _read_secret(path):
+    """The bytes of a passphrase file: a regular file (a link is followed), opened without
+    blocking (a FIFO or device node is refused, never waited on), at most
+    PASSPHRASE_FILE_LIMIT bytes."""
+    import stat
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+    except OSError as exc:
+        raise Qcow2Error("encrypt_passphrase_file: cannot open %s: %s"
+                         % (path, exc.strerror or exc), option="encrypt_passphrase_file")
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise Qcow2Error("encrypt_passphrase_file: %s is not a regular file" % path,
+                             option="encrypt_passphrase_file")
+        if st.st_size > PASSPHRASE_FILE_LIMIT:
+            raise Qcow2Error("encrypt_passphrase_file: %s holds %d bytes; a passphrase file "
+                             "holds at most %d" % (path, st.st_size, PASSPHRASE_FILE_LIMIT),
+                             option="encrypt_passphrase_file")
+        data = os.read(fd, PASSPHRASE_FILE_LIMIT + 1)
+        if len(data) > PASSPHRASE_FILE_LIMIT:
+            raise Qcow2Error("encrypt_passphrase_file: %s grew past %d bytes while it was read"
+                             % (path, PASSPHRASE_FILE_LIMIT), option="encrypt_passphrase_file")
+        return data
+    finally:
+        os.close(fd)
 
 
 class TaskFailed(Exception):
@@ -87,7 +133,7 @@ def _declared(params, path):
         "size", "preallocation", "cluster_size", "compat", "refcount_bits",
         "lazy_refcounts", "extended_l2", "compression_type", "backing_file", "backing_fmt",
         "data_file", "data_file_raw", "nocow", "source", "source_format",
-        "source_backing_chain"))
+        "source_backing_chain") + tuple(encryption.option(key) for key in encryption.KEYS))
     if declared["backing_file"]:
         declared["backing_file_realpath"] = api.backing_realpath(path, declared["backing_file"])
     return declared
@@ -128,6 +174,7 @@ class ImageTask(object):
         self.path = self.given
         self.result = dict(changed=False, actions=[], image={}, path=self.given)
         self.identity = None    # (st_dev, st_ino) of what observe looked at
+        self._passphrase = None
         if self.params.get("source"):
             self.result["source"] = self.params["source"]
 
@@ -161,9 +208,33 @@ class ImageTask(object):
         if self.params["source"] and not os.path.isabs(self.params["source"]):
             self.fail("source: %r is relative; give the template's absolute path"
                       % self.params["source"], option="source")
+        secret_file = self.params.get("encrypt_passphrase_file")
+        if secret_file and not os.path.isabs(secret_file):
+            self.fail("encrypt_passphrase_file: %r is relative; give the absolute path of the "
+                      "file on the host" % secret_file, option="encrypt_passphrase_file")
         if self.params["data_file"] and not os.path.isabs(self.params["data_file"]):
             self.fail("data_file must be an absolute path (QEMU resolves relative data file "
                       "names against its own working directory)")
+
+    def passphrase(self):
+        """The declared passphrase as bytes, None when none is declared: encrypt_passphrase
+        as UTF-8, or the whole content of encrypt_passphrase_file, as QEMU's secret object
+        reads a file (a trailing newline is part of it). Read once."""
+        if self._passphrase is not None:
+            return self._passphrase
+        params = self.params
+        if params.get("encrypt_passphrase") is not None:
+            value = params["encrypt_passphrase"].encode("utf-8")
+            option = "encrypt_passphrase"
+        elif params.get("encrypt_passphrase_file"):
+            value = _read_secret(params["encrypt_passphrase_file"])
+            option = "encrypt_passphrase_file"
+        else:
+            return None
+        if not value:
+            self.fail("%s: the passphrase is empty" % option, option=option)
+        self._passphrase = value
+        return value
 
     def warn_surprises(self, decision):
         """Warnings for what a declaration does that its author probably did not mean; the
@@ -224,11 +295,13 @@ class ImageTask(object):
                       % (self.path, "; ".join(decision.conflicts)),
                       conflicts=decision.conflicts)
         api.add_leftover_cleanup(self.path, decision)
+        secret = self.passphrase() if params["state"] == "present" else None
         try:
             if self.planned:
-                api.preflight(self.path, decision, expected=self.identity, planned=self.planned)
+                api.preflight(self.path, decision, expected=self.identity, planned=self.planned,
+                              passphrase=secret)
             else:
-                api.preflight(self.path, decision, expected=self.identity)
+                api.preflight(self.path, decision, expected=self.identity, passphrase=secret)
         except Qcow2Error as exc:
             self.fail(str(exc), option=exc.option, wanted=decision.texts())
         self.result["actions"] = decision.texts()
@@ -260,7 +333,7 @@ class ImageTask(object):
         try:
             outcomes = api.apply(self.path, decision,
                                  mode=module_support.creation_mode(self.module, self.params),
-                                 expected=self.identity)
+                                 expected=self.identity, passphrase=self.passphrase())
         except Qcow2Error as exc:
             if backup and os.path.lexists(backup) and os.path.exists(self.path) and \
                     os.path.samefile(backup, self.path):

@@ -191,6 +191,81 @@ options:
       - Raw sources and qcow2 sources without a backing file need no opt-in.
     type: bool
     default: false
+  encrypt_format:
+    description:
+      - Encrypt the image's guest data at rest: V(luks) makes a LUKS-encrypted qcow2 image, as
+        C(qemu-img create -o encrypt.format=luks) does (the LUKS header in its own clusters,
+        qcow2's C(crypt_method) 2). QEMU opens it with C(--object secret,...) and
+        C(encrypt.key-secret); libvirt with C(<encryption format='luks'>).
+      - Left out, the image is declared unencrypted, and an existing encrypted image is a
+        conflict (as is an existing plain image declared encrypted): changing either way
+        rewrites the image, so it needs O(regenerate) or O(force).
+      - Needs the Python package C(cryptography) on the managed host (C(python3-cryptography)
+        on Debian, RHEL and SUSE), only for encrypted images; a missing package is named in
+        the error, in check mode too.
+      - Every preallocation mode is made; unlike qemu-img's, a new encrypted image's guest
+        reads zeros in every mode (its preallocated clusters carry qcow2's zero flag, where
+        qemu-img's read decrypted garbage). Compat V(0.10) has no zero flag, so an encrypted
+        compat V(0.10) image is made with O(preallocation=off) only.
+      - An external O(data_file) and a O(source) copy are not combined with encryption yet.
+      - The passphrase is checked against the image's key slots when the run changes the image
+        in place (a wrong one fails before anything is written, in check mode too). A run that
+        changes nothing does not derive the key slot (which costs O(encrypt_iter_time)).
+    type: str
+    choices: [luks]
+  encrypt_passphrase:
+    description:
+      - The passphrase of key slot 0 of a new encrypted image, and the one that must open an
+        existing one before it is changed in place. Typically from Ansible Vault.
+      - Used as its UTF-8 bytes. Never logged nor returned.
+      - Mutually exclusive with O(encrypt_passphrase_file).
+    type: str
+  encrypt_passphrase_file:
+    description:
+      - A file on the managed host holding the passphrase: its whole content, byte for byte,
+        as QEMU's C(secret) object reads a C(file=) (a trailing newline is part of the
+        passphrase).
+      - Must be a regular file of at most 64 KiB (a FIFO or device node is refused without
+        being waited on); an absolute path.
+    type: path
+  encrypt_cipher_alg:
+    description:
+      - The cipher of a new encrypted image (C(encrypt.cipher-alg)); QEMU's default
+        V(aes-256) when left out. Compared with an existing image only when declared.
+      - The values QEMU knows are accepted and compared; images are made with AES only
+        (V(aes-128), V(aes-192), V(aes-256)).
+    type: str
+    choices: [aes-128, aes-192, aes-256, cast5-128, serpent-128, serpent-192, serpent-256,
+              twofish-128, twofish-192, twofish-256, sm4]
+  encrypt_cipher_mode:
+    description:
+      - The cipher mode (C(encrypt.cipher-mode)); default V(xts).
+    type: str
+    choices: [xts, cbc, ecb, ctr]
+  encrypt_ivgen_alg:
+    description:
+      - The IV generator (C(encrypt.ivgen-alg)); default V(plain64).
+    type: str
+    choices: [plain, plain64, essiv]
+  encrypt_ivgen_hash_alg:
+    description:
+      - The hash of the V(essiv) IV generator (C(encrypt.ivgen-hash-alg)); default V(sha256).
+        Only with O(encrypt_ivgen_alg=essiv).
+    type: str
+    choices: [md5, sha1, sha224, sha256, sha384, sha512, ripemd160]
+  encrypt_hash_alg:
+    description:
+      - The hash of the key slots' PBKDF2 and anti-forensic split (C(encrypt.hash-alg));
+        default V(sha256).
+    type: str
+    choices: [md5, sha1, sha224, sha256, sha384, sha512, ripemd160]
+  encrypt_iter_time:
+    description:
+      - Milliseconds of CPU that opening the key slot costs (C(encrypt.iter-time)); default
+        2000, as QEMU. The PBKDF2 rounds are calibrated on the managed host when the image is
+        made (the master key digest gets an eighth, at least 1000 rounds each).
+      - Only used when an image is made; not compared with an existing one.
+    type: int
   backup:
     description:
       - When the file at O(path) is recreated or replaced (O(regenerate), O(force=true)), or
@@ -354,6 +429,24 @@ EXAMPLES = r"""
     source_format: qcow2
     source_backing_chain: true
 
+- name: A LUKS-encrypted disk, its passphrase from Ansible Vault (QEMU's defaults aes-256-xts)
+  vdisk.qcow2.image:
+    path: /var/lib/images/db01.qcow2
+    size: 100G
+    preallocation: metadata
+    encrypt_format: luks
+    encrypt_passphrase: "{{ vault_db01_disk_passphrase }}"
+
+- name: Encrypted, the passphrase in a file on the host (as libvirt's secrets are kept)
+  vdisk.qcow2.image:
+    path: /var/lib/images/db02.qcow2
+    size: 100G
+    encrypt_format: luks
+    encrypt_passphrase_file: /etc/vdisk/db02.key
+    encrypt_cipher_alg: aes-256
+    encrypt_cipher_mode: xts
+    encrypt_hash_alg: sha512
+
 - name: Remove an image (refused while a VM runs on it)
   vdisk.qcow2.image:
     path: /var/lib/images/old.qcow2
@@ -470,6 +563,7 @@ def main():
         argument_spec=image_task.argument_spec(),
         required_together=image_task.REQUIRED_TOGETHER,
         required_by=image_task.REQUIRED_BY,
+        mutually_exclusive=image_task.MUTUALLY_EXCLUSIVE,
         add_file_common_args=True,
         supports_check_mode=True,
     )

@@ -77,12 +77,34 @@ def test_qemu_reads_zeros_and_back_what_it_wrote(tmp_path, mode, cluster_size):
     assert wrong.returncode != 0 and "Invalid password" in wrong.stderr
 
 
-@pytest.mark.parametrize("values,word", [({"preallocation": "full"}, "preallocation full"),
-                                         ({"compat": "0.10"}, "compat 1.1"),
-                                         ({"data_file": "/tmp/x.data"}, "no data file")])
-def test_what_is_not_made_encrypted_is_named(tmp_path, values, word):
+@pytest.mark.parametrize("values,option,word", [
+    ({"compat": "0.10", "preallocation": "falloc"}, "preallocation", "no zero flag"),
+    ({"data_file": "/tmp/x.data"}, "data_file", "an encrypted image keeps its data"),
+    ({"encrypt_cipher_alg": "twofish-256"}, "encrypt_cipher_alg", "AES only"),
+    ({"encrypt_cipher_alg": "aes-192", "encrypt_cipher_mode": "cbc"}, "encrypt_cipher_alg",
+     "only with encrypt_cipher_mode xts")])
+def test_what_is_not_made_encrypted_is_named(tmp_path, values, option, word):
     path = str(tmp_path / "enc.qcow2")
     with pytest.raises(Qcow2Error) as err:
         api.create(path, dict(values, size=SIZE), passphrase=b"pw", iterations=(1000, 1000))
-    assert err.value.option == "encrypt_format" and word in str(err.value)
+    assert err.value.option == option and word in str(err.value)
     assert not os.path.exists(path)
+
+
+@pytest.mark.parametrize("spec", [
+    {"encrypt_cipher_alg": "aes-128"},
+    {"encrypt_cipher_alg": "aes-192"},
+    {"encrypt_cipher_mode": "cbc", "encrypt_ivgen_alg": "essiv"},
+    {"encrypt_cipher_alg": "aes-128", "encrypt_cipher_mode": "ctr", "encrypt_hash_alg": "sha1"},
+    {"encrypt_cipher_mode": "ecb", "encrypt_hash_alg": "sha512"}])
+def test_declared_ciphers_open_in_qemu(tmp_path, spec):
+    path = str(tmp_path / "spec.qcow2")
+    api.create(path, dict(spec, size=SIZE, preallocation="metadata", encrypt_format="luks"),
+               passphrase=b"pw", iterations=(1000, 1000))
+    info = oracle.qemu_info(path)["format-specific"]["data"]["encrypt"]
+    for key, value in spec.items():
+        assert info[key[len("encrypt_"):].replace("_", "-")] == value
+    proc = _io(path, "read -P 0 0 %d" % SIZE, "write -P 0x3c 2M 64k", "read -P 0x3c 2M 64k")
+    assert proc.returncode == 0 and "verification failed" not in proc.stdout, \
+        proc.stdout + proc.stderr
+    assert not _qemu_check(path).get("corruptions")

@@ -92,9 +92,34 @@ def parse_options(path, values, planned=None):
 
 
 def plan_for(path, opts):
-    """The plan a create at `path` would apply (a device gets zero flags)."""
+    """The plan a create at `path` would apply (a device gets zero flags; an encrypted image
+    a LUKS header region of the size its key slots take)."""
     from .create.planner import plan_create
-    return plan_create(opts, zero_flag=is_block_device(path))
+    region = bytes(opts.encryption.region_size()) if opts.encryption is not None else None
+    return plan_create(opts, zero_flag=is_block_device(path), luks_header=region)
+
+
+def check_encryption(path, opts, passphrase, device=False, copy=False):
+    """Raise what making the encrypted image `opts` declares would fail on before its first
+    write (check mode runs it too): no passphrase, a block device, a copy, no cryptography."""
+    if opts.encryption is None:
+        return
+    if copy:
+        raise Qcow2Error("encrypt_format: an encrypted image is not made as a copy of a source "
+                         "yet (create it empty, or copy into a plain image)",
+                         option="encrypt_format")
+    if passphrase is None:
+        raise Qcow2Error("encrypt_passphrase: an encrypted image is made only with a passphrase "
+                         "(encrypt_passphrase, or encrypt_passphrase_file on the host)",
+                         option="encrypt_passphrase")
+    if device:
+        raise Qcow2Error("encrypt_format: %s is a block device; an encrypted image is made in a "
+                         "file only here" % path, option="encrypt_format")
+    import importlib.util
+    if importlib.util.find_spec("cryptography") is None:
+        raise Qcow2Error("encrypt_format: encrypted images need the Python package "
+                         "'cryptography' on the managed host (python3-cryptography on Debian, "
+                         "RHEL and SUSE)", option="encrypt_format")
 
 
 def is_block_device(path):
@@ -172,6 +197,7 @@ def create_from(path, values, source, source_format, replace=False, mode=0o644,
                 raise Qcow2Error("%s: the image is in use by a running QEMU; it is not replaced"
                                  % path, path=path)
         opts = source_options(path, values, src)
+        check_encryption(path, opts, None, copy=True)
         _check_directory(path, "create the image")
         return create_from_source(path, opts, src, replace=replace, mode=mode)
     finally:
@@ -182,31 +208,31 @@ def create(path, values, replace=False, mode=0o644, check_backing=True, passphra
            iterations=None):
     """Create a qcow2 image at `path` from option values (dict). Returns a result dict.
 
-    With `passphrase` (bytes) the image is LUKS encrypted (aes-256-xts-plain64, QEMU's
-    default; key slot 0 opens with it, `iterations` its PBKDF2 rounds) and its preallocated
-    clusters read zeros (zero flag). The engine's part of issue 19: the modules do not offer
-    it yet."""
+    With encrypt_* options (or a `passphrase` alone: QEMU's defaults) the image is LUKS
+    encrypted: key slot 0 opens with `passphrase` (bytes), its PBKDF2 rounds `iterations`
+    (slot, master key digest) or calibrated to encrypt_iter_time; its preallocated clusters
+    read zeros (zero flag)."""
     from .create import writer
     from .create.planner import plan_create
     # A link at the image path is never followed nor replaced; a FIFO, socket, character
     # device or directory is never opened nor replaced.
     nodes.check_node(path)
+    if passphrase is not None and not isinstance(values, CreateOptions) and \
+            values.get("encrypt_format") is None:
+        values = dict(values, encrypt_format="luks")
     opts = values if isinstance(values, CreateOptions) else parse_options(path, values)
     if opts.backing_file and check_backing:
         _check_backing(path, opts.backing_file)
     device = is_block_device(path)
+    check_encryption(path, opts, passphrase, device)
     if replace and os.path.lexists(path):
         from .read import lock
         if _in_use(lock, path):
             raise Qcow2Error("%s: the image is in use by a running QEMU; it is not replaced"
                              % path, path=path)
     luks_header = None
-    if passphrase is not None:
-        if device:
-            raise Qcow2Error("encrypt_format: an encrypted image is not written onto a block "
-                             "device here", option="encrypt_format")
-        from .crypto import luks1
-        luks_header = luks1.build(passphrase, iterations=iterations)[0]
+    if opts.encryption is not None:
+        luks_header = _luks_region(opts.encryption, passphrase, iterations)
     plan = plan_create(opts, zero_flag=device, luks_header=luks_header)
     if device:
         if not replace:
@@ -223,26 +249,39 @@ def create(path, values, replace=False, mode=0o644, check_backing=True, passphra
     return out
 
 
-def grow(path, size, mode="off"):
+def _luks_region(spec, passphrase, iterations=None):
+    """The LUKS header region of a new image: a random master key in key slot 0 under
+    `passphrase`, the rounds calibrated to spec.iter_time unless `iterations` are given."""
+    from .crypto import luks1
+    if iterations is None:
+        from .crypto.iterations import for_time
+        iterations = for_time(spec.hash_alg, spec.iter_time, spec.key_bytes())
+    return luks1.build(passphrase, cipher_alg=spec.cipher_alg, cipher_mode=spec.cipher_mode,
+                       ivgen_alg=spec.ivgen_alg, ivgen_hash_alg=spec.ivgen_hash_alg,
+                       hash_alg=spec.hash_alg, iterations=iterations)[0]
+
+
+def grow(path, size, mode="off", passphrase=None):
     """Raise the virtual size in place; the new range reads zeros and is preallocated per
-    `mode`."""
+    `mode`. `passphrase` (bytes): the key of an encrypted image, which is refused without it."""
     from .edit import resize
-    return resize.grow(path, size, mode)
+    return resize.grow(path, size, mode, passphrase=passphrase)
 
 
-def raise_preallocation(path, current, target):
+def raise_preallocation(path, current, target, passphrase=None):
     """Bring an image from preallocation level `current` up to `target` in place."""
     order = C.PREALLOC_MODES
     if order.index(target) <= order.index(current):
         return {"changed": False}
     from .edit import resize
-    return {"changed": True, "steps": resize.raise_level(path, current, target)}
+    return {"changed": True,
+            "steps": resize.raise_level(path, current, target, passphrase=passphrase)}
 
 
-def reclaim_leaks(path):
+def reclaim_leaks(path, passphrase=None):
     """Reclaim clusters leaked at the end of the file (what an interrupted run leaves)."""
     from .edit.reclaim import reclaim_leaks as _reclaim
-    return _reclaim(path)
+    return _reclaim(path, passphrase=passphrase)
 
 
 def add_leftover_cleanup(path, decision, started=None):
@@ -299,10 +338,10 @@ def _check_directory(path, what):
 
 
 def preflight_create(path, values, replace=False, source=None, source_format=None,
-                     allow_backing=False, planned=None):
+                     allow_backing=False, planned=None, passphrase=None):
     """Raise what creating (or replacing) the image at `path` would fail on before its first
     write: options, the directory, the backing file, the source (its backing chain refused
-    unless `allow_backing`), free space. Reads only."""
+    unless `allow_backing`), the encryption (`passphrase`), free space. Reads only."""
     nodes.check_node(path)
     if source is not None and _planned_source(planned, source):
         return _preflight_planned_copy(path, values, source, source_format, allow_backing,
@@ -312,6 +351,7 @@ def preflight_create(path, values, replace=False, source=None, source_format=Non
         src = open_source(source, source_format, allow_backing=allow_backing)
         try:
             opts = source_options(path, values, src)
+            check_encryption(path, opts, passphrase, copy=True)
             if is_block_device(path):
                 raise Qcow2Error("%s: copying a source onto a block device is not supported"
                                  % path, path=path)
@@ -322,6 +362,7 @@ def preflight_create(path, values, replace=False, source=None, source_format=Non
             src.close()
     opts = values if isinstance(values, CreateOptions) else \
         parse_options(path, values, planned)
+    check_encryption(path, opts, passphrase, is_block_device(path))
     if is_block_device(path):
         if not replace:
             raise Qcow2Error("%s: is a block device that may hold data; writing an image onto "
@@ -372,6 +413,7 @@ def _preflight_planned_copy(path, values, source, source_format, allow_backing, 
     if values.get("size") is None:
         values["size"] = _Planned.size
     opts = parse_options(path, values)
+    check_encryption(path, opts, None, copy=True)
     from .copy.convert import check_source_fits
     check_source_fits(opts, _Planned)
     if is_block_device(path):
@@ -386,7 +428,7 @@ def preflight_remove(path):
     _check_directory(path, "remove the image")
 
 
-def preflight(path, decision, expected=None, planned=None):
+def preflight(path, decision, expected=None, planned=None, passphrase=None):
     """Raise the Qcow2Error that applying `decision` in place would raise before its first
     write: the editor's guard (dirty, corrupt, damaged) and the planners' guest-view rules.
     Reads only; check mode runs it so its prediction matches the real run. `expected` is the
@@ -394,7 +436,9 @@ def preflight(path, decision, expected=None, planned=None):
     resolved options complete `decision.after`. `planned` (check mode of a list of images)
     maps the real path of a file that an earlier image of the same run makes, changes or
     removes to what it will be: None (removed) or {"format": ..., "virtual_size": N}; a
-    backing file found there is taken as that, not looked up."""
+    backing file found there is taken as that, not looked up. `passphrase`: as for apply (an
+    encrypted image's key slot is opened with it here, so a wrong one fails in check mode
+    too)."""
     nodes.check_identity(path, expected)
     for action in decision.actions:
         if action.kind in ("create", "recreate"):
@@ -403,7 +447,7 @@ def preflight(path, decision, expected=None, planned=None):
                                     source=action.args.get("source"),
                                     source_format=action.args.get("source_format"),
                                     allow_backing=bool(action.args.get("source_backing_chain")),
-                                    planned=planned)
+                                    planned=planned, passphrase=passphrase)
             # The size a source or backing file gives, and the defaults, are known only now:
             # the diff's `after` shows the image the creation will make (check mode too).
             from .reconcile import created_fields
@@ -422,7 +466,7 @@ def preflight(path, decision, expected=None, planned=None):
     from .read.image import DECODE_ERRORS, Image
     with Image.open(path) as img:
         nodes.check_fd_identity(path, os.fstat(img.fd), expected)
-        guard_image(img, path)
+        guard_image(img, path, passphrase=passphrase)
         device = is_block_device(path)
         try:
             for action in kinds:
@@ -537,7 +581,7 @@ def _in_use(lock, path):
         return False
 
 
-def apply(path, decision, mode=0o644, expected=None):
+def apply(path, decision, mode=0o644, expected=None, passphrase=None):
     """Carry out a reconciler decision's actions in order; returns per-action results.
 
     `expected` is the identity (st_dev, st_ino) observe() recorded for `path`: every write
@@ -546,14 +590,17 @@ def apply(path, decision, mode=0o644, expected=None):
     to its no-clobber install.
 
     When an action fails after the file was changed (by it or by an earlier action), the
-    Qcow2Error carries modified=True and `done`: the texts of what was completed."""
+    Qcow2Error carries modified=True and `done`: the texts of what was completed.
+
+    `passphrase` (bytes): the key of the encrypted image the decision declares: a new one is
+    made with it, an existing one is changed only when it opens a key slot."""
     results = []
     done = []
     ident = expected
     for action in decision.actions:
         try:
             with nodes.expect(path, ident):
-                results.append(_apply_one(path, action, mode))
+                results.append(_apply_one(path, action, mode, passphrase))
         except Qcow2Error as exc:
             exc.done = done + list(getattr(exc, "done", []))
             exc.modified = bool(done) or bool(getattr(exc, "modified", False))
@@ -565,32 +612,35 @@ def apply(path, decision, mode=0o644, expected=None):
     return results
 
 
-def _apply_one(path, action, mode):
+def _apply_one(path, action, mode, passphrase=None):
+    key = passphrase
     if action.kind in ("create", "recreate"):
         if action.args.get("source"):
             return create_from(path, action.args["values"], action.args["source"],
                                action.args["source_format"],
                                replace=action.kind == "recreate", mode=mode,
                                allow_backing=bool(action.args.get("source_backing_chain")))
-        return create(path, action.args["values"], replace=action.kind == "recreate", mode=mode)
+        return create(path, action.args["values"], replace=action.kind == "recreate", mode=mode,
+                      passphrase=key)
     if action.kind == "remove":
         _remove_unheld(path)
         return {"removed": path}
     if action.kind == "grow":
-        return grow(path, action.args["size"], action.args["mode"])
+        return grow(path, action.args["size"], action.args["mode"], passphrase=key)
     if action.kind == "shrink":
         from .edit import resize
-        return resize.shrink(path, action.args["size"])
+        return resize.shrink(path, action.args["size"], passphrase=key)
     if action.kind == "raise_preallocation":
-        return raise_preallocation(path, action.args["current"], action.args["target"])
+        return raise_preallocation(path, action.args["current"], action.args["target"],
+                                   passphrase=key)
     if action.kind == "upgrade_compat":
         from .edit.amend import upgrade_compat
-        return {"changed": upgrade_compat(path)}
+        return {"changed": upgrade_compat(path, passphrase=key)}
     if action.kind == "lazy_refcounts":
         from .edit.amend import set_lazy_refcounts
-        return {"changed": set_lazy_refcounts(path, action.args["enabled"])}
+        return {"changed": set_lazy_refcounts(path, action.args["enabled"], passphrase=key)}
     if action.kind == "reclaim_leaks":
-        return reclaim_leaks(path)
+        return reclaim_leaks(path, passphrase=key)
     if action.kind == "remove_leftovers":
         from .read import leftovers
         return {"removed_leftovers": leftovers.remove(path, action.args["entries"],

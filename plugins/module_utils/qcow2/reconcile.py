@@ -10,6 +10,7 @@ declaration and returns the actions to take, the conflicts that need `force` (or
 """
 
 from .format import constants as C
+from .format import encryption
 from .format.errors import Qcow2Error
 from .format.options import CreateOptions, parse_bool, parse_compat, parse_size, compat_name
 
@@ -85,6 +86,7 @@ def normalise(declared):
                  "backing_file_realpath"):
         if declared.get(name) is not None:
             out[name] = str(declared[name])
+    out["encryption"] = encryption.declared(declared)
     out["preallocation"] = declared.get("preallocation") or "off"
     if out["preallocation"] not in C.PREALLOC_MODES:
         raise Qcow2Error("preallocation: %r is not one of off, metadata, falloc, full"
@@ -96,8 +98,16 @@ def creation_values(declared):
     """The option dict for a new image (defaults fill what was left out)."""
     keys = ("size", "cluster_size", "compat", "refcount_bits", "lazy_refcounts", "extended_l2",
             "compression_type", "preallocation", "backing_file", "backing_fmt", "data_file",
-            "data_file_raw", "nocow")
+            "data_file_raw", "nocow") + tuple(encryption.option(k) for k in encryption.KEYS)
     return dict((k, declared[k]) for k in keys if declared.get(k) is not None)
+
+
+def encryption_summary(view):
+    """The encryption properties a diff shows (None for a plain image)."""
+    if not view:
+        return None
+    return dict((key, view.get(key)) for key in encryption.COMPARED
+                if view.get(key) is not None)
 
 
 def human_size(n):
@@ -128,6 +138,8 @@ def image_view(image):
     for key in COMPARED:
         if image.get(key) is not None:
             view[key] = image.get(key)
+    if image.get("encryption"):
+        view["encryption"] = encryption_summary(image["encryption"])
     return view
 
 
@@ -237,6 +249,8 @@ def _summary(want):
     for key in COMPARED:
         if want.get(key) is not None:
             parts.append("%s %s" % (key, want[key]))
+    if want.get("encryption"):
+        parts.append("encrypted with %s" % want["encryption"]["format"])
     return ", ".join(parts)
 
 
@@ -275,6 +289,8 @@ def created_fields(opts):
         value = getattr(opts, key, None)
         if value is not None:
             view[key] = value
+    if opts.encryption is not None:
+        view["encryption"] = encryption_summary(opts.encryption.as_dict())
     return view
 
 
@@ -282,8 +298,9 @@ def _compare(d, want, image):
     after = dict(d.before)
     if image.get("corrupt"):
         d.conflicts.append("the image is marked corrupt")
-    if image.get("encrypted"):
-        d.conflicts.append("the image is encrypted, which this collection does not manage")
+    d.conflicts.extend(encryption.compare(want.get("encryption") or {},
+                                          image.get("encryption") if image.get("encrypted")
+                                          else None))
     # Properties that cannot change without rewriting the image.
     for key in ("cluster_size", "refcount_bits", "extended_l2", "compression_type",
                 "backing_file", "backing_fmt", "data_file", "data_file_raw"):

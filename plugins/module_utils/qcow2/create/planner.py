@@ -132,25 +132,19 @@ def plan_create(opts, zero_flag=False, data_bitmap=None, luks_header=None):
     `luks_header` (the bytes of a LUKS header region, crypto/luks1.build) makes a LUKS
     encrypted image: the header in its own clusters after the refcount blocks, pointed to by
     the full disk encryption extension. Preallocated clusters then carry the zero flag, so the
-    guest reads zeros from them without decrypting anything; compat 1.1 is needed for it and
-    `full` (which would write encrypted zeros) is not planned here.
+    guest reads zeros from them without decrypting anything (`full` writes plain zeros into them
+    as well, like any full image: the flag, not the bytes, is what the guest reads). Compat 0.10
+    has no zero flag: there only `off` is planned.
     """
     mode = opts.effective_preallocation
     plan = Plan(opts, mode)
     if opts.data_file:
         plan.data_file_size = opts.size
     if luks_header is not None:
-        if opts.version == 2:
-            why = "needs compat 1.1 (compat 0.10 has no zero flag, nor LUKS)"
-        elif opts.data_file:
-            why = "is made with no data file (QEMU encrypts the data file's clusters too)"
-        elif mode == "full":
-            why = "is not made with preallocation full yet (it would write encrypted zeros); " \
-                "off, metadata and falloc read zeros"
-        else:
-            why = None
-        if why:
-            raise Qcow2Error("encrypt_format: a LUKS image " + why, option="encrypt_format")
+        if opts.data_file or (opts.version == 2 and mode != "off"):
+            raise Qcow2Error("encrypt_format: a LUKS image is planned with its data in its own "
+                             "file and, in compat 0.10, without preallocation (see "
+                             "format/options)", option="encrypt_format")
         plan.zero_flag = True
         _plan_prealloc(plan, opts, luks_header)
     elif mode == "off":

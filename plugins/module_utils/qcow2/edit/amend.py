@@ -18,8 +18,8 @@ _ORDER = {C.EXT_BACKING_FORMAT: 0, C.EXT_DATA_FILE: 1, C.EXT_CRYPTO: 2,
           C.EXT_FEATURE_TABLE: 3, C.EXT_BITMAPS: 4}
 
 
-def _rewrite(path, change, what):
-    with editing(path) as ed:
+def _rewrite(path, change, what, passphrase=None):
+    with editing(path, passphrase=passphrase) as ed:
         hdr, exts, backing = ed.header, list(ed.extensions), ed.backing_file
         if not change(hdr, exts):
             return False
@@ -30,7 +30,7 @@ def _rewrite(path, change, what):
         return True
 
 
-def upgrade_compat(path):
+def upgrade_compat(path, passphrase=None):
     """Raise a compat 0.10 (version 2) image to compat 1.1 (version 3)."""
     def change(hdr, exts):
         if hdr.version == 3:
@@ -43,10 +43,10 @@ def upgrade_compat(path):
         if hdr.cluster_size > 4096 and not any(e.type == C.EXT_FEATURE_TABLE for e in exts):
             exts.append(feature_table_extension())
         return True
-    return _rewrite(path, change, "upgraded compat to 1.1")
+    return _rewrite(path, change, "upgraded compat to 1.1", passphrase)
 
 
-def set_lazy_refcounts(path, enabled):
+def set_lazy_refcounts(path, enabled, passphrase=None):
     """Turn the lazy refcounts compatible feature on or off (compat 1.1 only)."""
     def change(hdr, exts):
         if hdr.version < 3:
@@ -60,4 +60,5 @@ def set_lazy_refcounts(path, enabled):
         else:
             hdr.compatible_features &= ~C.COMPAT_LAZY_REFCOUNTS
         return True
-    return _rewrite(path, change, "turned lazy refcounts %s" % ("on" if enabled else "off"))
+    return _rewrite(path, change, "turned lazy refcounts %s" % ("on" if enabled else "off"),
+                    passphrase)

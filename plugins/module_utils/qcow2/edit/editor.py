@@ -6,7 +6,8 @@ guard, edit through an `Editor`.
 
 `editing(path)` is the only way the engine opens an existing image for writing. Before it hands
 out the editor it runs the guard (`guard_image`): an image that is marked dirty or corrupt, that
-is encrypted, or whose consistency check finds corruptions is refused before the first write.
+is encrypted and not opened by the passphrase given, or whose consistency check finds
+corruptions is refused before the first write.
 `preflight(path)` runs the same guard without writing and without the lock, so check mode can
 predict a refusal. The rules about what a change may do to the guest's view live with the
 changes' planners (`resize`), which run against the same model (`Editor` is an `image.Image`).
@@ -31,9 +32,10 @@ from ..format.refcounts import get_refcount, last_nonzero, set_range
 _READ_LIMIT = 32 * 1024 * 1024
 
 
-def guard_image(img, path, run_check=True):
+def guard_image(img, path, run_check=True, passphrase=None):
     """Refuse an image no in-place change may touch; returns the consistency check's result
-    (None when not run). Reads only."""
+    (None when not run). Reads only. A LUKS-encrypted image passes only with a `passphrase`
+    (bytes) that opens one of its key slots: a wrong one is refused before any write."""
     hdr = img.header
     if hdr.incompatible_features & C.INCOMPAT_DIRTY:
         raise Qcow2Error(
@@ -46,8 +48,7 @@ def guard_image(img, path, run_check=True):
                          "'qemu-img check -r all %s' (back it up first)" % (path, path),
                          path=path)
     if hdr.crypt_method:
-        raise Qcow2Error("%s: encrypted images are not modified by this engine" % path,
-                         path=path)
+        _check_key(img, path, passphrase)
     if not run_check:
         return None
     result = check(path, image=img, max_messages=5)
@@ -63,10 +64,38 @@ def guard_image(img, path, run_check=True):
     return result
 
 
-def preflight(path, run_check=True):
+# Digests of (LUKS header region, passphrase) pairs already proven in this process: check mode's
+# preflight and the real run's guard derive the key slot (encrypt_iter_time long) once.
+_OPENED = set()
+
+
+def _check_key(img, path, passphrase):
+    """Refuse an encrypted image unless `passphrase` opens it (LUKS only)."""
+    if img.header.crypt_method != C.CRYPT_LUKS:
+        raise Qcow2Error("%s: the image is encrypted with qcow's legacy AES method, which QEMU "
+                         "no longer opens for writing; it is not modified" % path, path=path)
+    if passphrase is None:
+        raise Qcow2Error("encrypt_passphrase: %s is LUKS encrypted; changing it in place needs "
+                         "its passphrase (encrypt_passphrase or encrypt_passphrase_file)" % path,
+                         option="encrypt_passphrase", path=path)
+    import hashlib
+    region = img.read(img.crypto_offset, img.crypto_length)
+    digest = hashlib.sha256(hashlib.sha256(region).digest() + passphrase).digest()
+    if digest in _OPENED:
+        return
+    from ..crypto import luks1
+    try:
+        luks1.unlock(region, passphrase)
+    except Qcow2Error as exc:
+        raise Qcow2Error("%s: %s; it is not modified" % (path, exc), option=exc.option,
+                         path=path)
+    _OPENED.add(digest)
+
+
+def preflight(path, run_check=True, passphrase=None):
     """The guard without writing or locking: raises what `editing` would raise."""
     with Image.open(path) as img:
-        return guard_image(img, path, run_check)
+        return guard_image(img, path, run_check, passphrase)
 
 
 def _open_locked(path):
@@ -94,13 +123,14 @@ def _close_locked(fd, lock):
 
 
 @contextlib.contextmanager
-def editing(path, run_check=True):
-    """Yield an Editor for `path` that has passed the guard; failures carry `modified`."""
+def editing(path, run_check=True, passphrase=None):
+    """Yield an Editor for `path` that has passed the guard (`passphrase`: the key of an
+    encrypted image); failures carry `modified`."""
     fd, lock = _open_locked(path)
     ed = None
     try:
         ed = Editor(fd, path)
-        ed.check_result = guard_image(ed, path, run_check)
+        ed.check_result = guard_image(ed, path, run_check, passphrase)
         yield ed
     except Qcow2Error as exc:
         _mark(exc, ed)

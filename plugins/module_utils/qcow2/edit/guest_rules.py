@@ -61,10 +61,13 @@ class GuestView(object):
         self.device = device
         self.external = img.has_data_file
         self.first_grown = first_grown
-        # Fresh clusters on a device hold old bytes: zero them or flag them.
-        self.zero_data = device and (self.v2 or mode in ("falloc", "full"))
-        self.fresh_flag = C.OFLAG_ZERO if device and not self.zero_data and not self.extl2 \
-            else 0
+        # Fresh clusters on a device hold old bytes: zero them or flag them. In an encrypted
+        # image zeros are no help (they decrypt to garbage): the flag it is, in every mode.
+        self.encrypted = bool(img.header.crypt_method)
+        self.zero_data = device and not self.encrypted and (self.v2 or mode in ("falloc",
+                                                                                 "full"))
+        self.fresh_flag = C.OFLAG_ZERO if (self.encrypted or (device and not self.zero_data)) \
+            and not self.extl2 else 0
 
     def refuse(self, guest, why):
         raise Qcow2Error("%s: %s (guest offset %d); the image is not modified"
@@ -92,9 +95,16 @@ class GuestView(object):
             self.refuse(guest, "this cluster reads from the backing file, and mapping it would "
                                "hide the backing file's bytes from the guest (an overlay without "
                                "extended_l2 cannot be preallocated)")
+        self._no_v2_fresh(guest)
         if self.v2 and self.device and not self.zero_data:
             self.refuse(guest, "internal error: unflagged fresh cluster on a device")
         return Change("map", self.fresh_flag)
+
+    def _no_v2_fresh(self, guest):
+        if self.v2 and self.encrypted:
+            self.refuse(guest, "an encrypted compat 0.10 image has no zero flag, so a fresh "
+                               "host cluster would read as decrypted garbage; declare compat: "
+                               "'1.1' to upgrade it first")
 
     def _grown(self, guest, ctype, bitmap):
         zero_bits = self.extl2 and self.backing
@@ -115,6 +125,7 @@ class GuestView(object):
         if self.prealloc:
             if self.extl2:
                 return Change("map", 0, L2_BITMAP_ALL_ZERO if zero_bits else None)
+            self._no_v2_fresh(guest)
             return Change("map", C.OFLAG_ZERO if ctype == ZERO_PLAIN else self.fresh_flag)
         if ctype == ZERO_PLAIN or not self.backing:
             return None
@@ -122,6 +133,7 @@ class GuestView(object):
             return None if bitmap == L2_BITMAP_ALL_ZERO else Change("set", 0, L2_BITMAP_ALL_ZERO)
         if self.v2:
             # No zero flag in compat 0.10: a fresh host cluster (zeros) hides the backing file.
+            self._no_v2_fresh(guest)
             return Change("map", self.fresh_flag)
         return Change("set", C.OFLAG_ZERO)
 

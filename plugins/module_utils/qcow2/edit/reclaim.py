@@ -16,9 +16,9 @@ from .editor import editing
 from ..format.errors import Qcow2Error
 
 
-def reclaim_leaks(path):
+def reclaim_leaks(path, passphrase=None):
     """Reclaim leaked clusters at the end of the image file; returns a result dict."""
-    with editing(path) as ed:
+    with editing(path, passphrase=passphrase) as ed:
         scan = tail_leaks(path, image=ed)
         if not scan.get("scanned") or not scan["clusters"]:
             return {"changed": False, "reclaimed_clusters": 0, "truncated_bytes": 0}

@@ -48,11 +48,12 @@ from ..format.refcounts import set_range
 from ..format.tables import progression
 
 
-def grow(path, new_size, mode="off"):
+def grow(path, new_size, mode="off", passphrase=None):
     """Raise the virtual size to `new_size`; the new range reads zeros, mapped per `mode`.
     An external data file (named in the header the editor already parsed, relative to the
-    image's directory) is grown too."""
-    with editing(path) as ed:
+    image's directory) is grown too. `passphrase`: the key of an encrypted image (the guard
+    refuses one without it)."""
+    with editing(path, passphrase=passphrase) as ed:
         old_size, new_size, plan = plan_grow(ed, new_size, mode, ed.device)
         if plan is None:
             return {"changed": False, "old_size": old_size, "new_size": new_size}
@@ -69,18 +70,18 @@ def grow(path, new_size, mode="off"):
         return result
 
 
-def fill(path, mode="metadata"):
+def fill(path, mode="metadata", passphrase=None):
     """Map every unmapped guest cluster of the image (off -> metadata/falloc/full)."""
-    with editing(path) as ed:
+    with editing(path, passphrase=passphrase) as ed:
         return _fill(ed, mode)
 
 
-def raise_level(path, current, target):
+def raise_level(path, current, target, passphrase=None):
     """Raise the preallocation from `current` to `target` in one editing session (one lock,
     one guard): map the unmapped clusters when coming from off, then allocate the data
     clusters for falloc/full. Returns the list of steps done."""
     steps = []
-    with editing(path) as ed:
+    with editing(path, passphrase=passphrase) as ed:
         if current == "off":
             steps.append(dict(_fill(ed, target), action="map every guest cluster"))
         if target in ("falloc", "full"):
@@ -100,12 +101,12 @@ def _fill(ed, mode):
     return result
 
 
-def shrink(path, new_size):
+def shrink(path, new_size, passphrase=None):
     """Lower the virtual size when no guest data lies past the new end (plan_shrink refuses
     otherwise). The size goes first (the guest sees the smaller disk), then the clusters past
     the end are unlinked and released, and the file is cut back when its end became free; a
     crash in between leaves at worst leaked clusters."""
-    with editing(path) as ed:
+    with editing(path, passphrase=passphrase) as ed:
         plan = plan_shrink(ed, new_size)
         if plan is None:
             return {"changed": False}
@@ -404,7 +405,7 @@ def _count_clusters(ed, start, end, needed, blocks_at, reft_at, reft_clusters):
 # Allocating mapped clusters (metadata -> falloc -> full)
 
 
-def raise_allocation(path, mode):
+def raise_allocation(path, mode, passphrase=None):
     """Bring every mapped data cluster to `mode` ('falloc' or 'full') without touching data.
 
     falloc: fallocate each contiguous host run of data clusters (allocating already
@@ -414,7 +415,7 @@ def raise_allocation(path, mode):
     if mode not in ("falloc", "full"):
         raise Qcow2Error("preallocation: can only raise to falloc or full in place",
                          option="preallocation")
-    with editing(path) as ed:
+    with editing(path, passphrase=passphrase) as ed:
         return _raise_allocation(ed, mode)
 
 

@@ -28,6 +28,19 @@ SLOT = struct.Struct(">II32sII")
 SLOTS_AT = 208
 
 
+def key_sectors(key_bytes):
+    """Sectors of one key slot's material (STRIPES copies of the key), aligned to 4 KiB as
+    QEMU aligns them."""
+    sectors = -(-key_bytes * STRIPES // SECTOR)
+    return -(-sectors // HEADER_SECTORS) * HEADER_SECTORS
+
+
+def region_size(key_bytes):
+    """Bytes of a LUKS header region QEMU lays out for a master key of `key_bytes`: the
+    header's 4 KiB, then eight key slots; the payload (the qcow2's data) is not in it."""
+    return (HEADER_SECTORS + SLOTS * key_sectors(key_bytes)) * SECTOR
+
+
 def _text(raw):
     return raw.split(b"\0", 1)[0]
 

@@ -12,6 +12,7 @@ import math
 import re
 
 from . import constants as C
+from . import encryption
 from .errors import Qcow2Error
 
 _SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([A-Za-z]*)\s*$")
@@ -134,7 +135,8 @@ class CreateOptions(object):
 
     KEYS = ("size", "cluster_size", "compat", "refcount_bits", "lazy_refcounts", "extended_l2",
             "compression_type", "preallocation", "backing_file", "backing_fmt", "data_file",
-            "data_file_raw", "nocow", "extent_size_hint")
+            "data_file_raw", "nocow", "extent_size_hint") + \
+        tuple(encryption.option(key) for key in encryption.KEYS)
 
     def __init__(self):
         self.size = None
@@ -151,6 +153,7 @@ class CreateOptions(object):
         self.data_file_raw = False
         self.nocow = False
         self.extent_size_hint = 1024 * 1024
+        self.encryption = None      # an encryption.Encryption for a LUKS-encrypted image
 
     # ------------------------------------------------------------------ derived values
     @property
@@ -173,8 +176,12 @@ class CreateOptions(object):
         return self.preallocation
 
     def as_dict(self):
-        out = dict((k, getattr(self, k)) for k in self.KEYS if k != "compat")
+        out = dict((k, getattr(self, k)) for k in self.KEYS
+                   if k != "compat" and not k.startswith("encrypt_"))
         out["compat"] = self.compat
+        if self.encryption is not None:
+            for key, value in self.encryption.as_dict().items():
+                out[encryption.option(key)] = value
         return out
 
     def __repr__(self):
@@ -194,6 +201,8 @@ class CreateOptions(object):
                    "backing-file": "backing_file", "backing-fmt": "backing_fmt",
                    "data-file": "data_file", "data-file-raw": "data_file_raw",
                    "extent-size-hint": "extent_size_hint"}
+        aliases.update(("encrypt." + key.replace("_", "-"), encryption.option(key))
+                       for key in encryption.KEYS)
         clean = {}
         for key, value in values.items():
             key = aliases.get(key, key)
@@ -253,6 +262,7 @@ class CreateOptions(object):
                 if "\0" in text:
                     raise Qcow2Error("%s: contains a NUL byte" % name, option=name)
                 setattr(opts, name, text)
+        opts.encryption = encryption.resolve(clean)
 
         opts._check_rules()
 
@@ -316,3 +326,14 @@ class CreateOptions(object):
         if v2 and self.data_file:
             raise Qcow2Error("data_file: external data files require compat 1.1 (v3)",
                              option="data_file")
+        if self.encryption is not None:
+            if self.data_file:
+                raise Qcow2Error("data_file: an encrypted image keeps its data in its own file "
+                                 "here (an external data file is not encrypted with it)",
+                                 option="data_file")
+            if v2 and self.preallocation != "off":
+                raise Qcow2Error(
+                    "preallocation: an encrypted compat 0.10 image is made with preallocation "
+                    "off only: compat 0.10 has no zero flag, so a preallocated cluster would "
+                    "read as decrypted garbage (what qemu-img's do); declare compat 1.1, whose "
+                    "preallocated clusters read zeros", option="preallocation")

@@ -1,0 +1,156 @@
+# Copyright (c) 2026 vdisk.qcow2 developers
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""Encrypted images changed in place, judged by what the guest reads (QEMU given the key):
+images qemu-img made and a guest wrote to and discarded in, grown and raised by ours in every
+preallocation mode; the old range reads exactly as before, the grown range zeros, and qemu-img
+check (given the key) stays clean. Without the passphrase, or with a wrong one, nothing is
+written."""
+
+import hashlib
+import os
+
+import pytest
+
+import oracle
+from qcow2 import api
+from qcow2.format.errors import Qcow2Error
+
+SIZE = 8 << 20
+GROWN = 20 << 20
+KEY = b"abc"
+
+
+@pytest.fixture(autouse=True)
+def needs_tools():
+    oracle.needs_luks_tools()
+
+
+def _image_opts(path):
+    return ["--object", "secret,id=s0,data=abc", "--image-opts",
+            "driver=qcow2,file.filename=%s,encrypt.key-secret=s0" % path]
+
+
+def _io(path, *commands):
+    args = [oracle.QEMU_IO] + _image_opts(path)
+    for command in commands:
+        args += ["-c", command]
+    proc = oracle.run(*args)
+    assert proc.returncode == 0 and "verification failed" not in proc.stdout, \
+        proc.stdout + proc.stderr
+    return proc
+
+
+def _guest(path, tmp_path):
+    """The bytes the guest reads, through qemu-img convert with the key."""
+    raw = str(tmp_path / "guest.raw")
+    proc = oracle.run(*([oracle.QEMU_IMG, "convert", "-O", "raw"] + _image_opts(path) + [raw]))
+    assert proc.returncode == 0, proc.stderr
+    with open(raw, "rb") as handle:
+        data = handle.read()
+    os.unlink(raw)
+    return data
+
+
+def _checked(path):
+    import json
+    proc = oracle.run(*([oracle.QEMU_IMG, "check", "--output=json"] + _image_opts(path)))
+    result = json.loads(proc.stdout)
+    assert not result.get("corruptions") and not result.get("leaks") and \
+        not result.get("check-errors"), result
+    return result
+
+
+def _used(tmp_path, options="", name="used.qcow2"):
+    """A qemu-img-made encrypted image a guest wrote to, overwrote and discarded in."""
+    path = str(tmp_path / name)
+    oracle.qemu_luks(path, "8M", options=options)
+    _io(path, "write -P 0x11 0 1M", "write -P 0x22 3M 192k", "write -z 3M 64k",
+        "discard 0 512k", "write -P 0x33 7936k 256k")
+    return path
+
+
+PROFILES = ["", "preallocation=metadata", "cluster_size=512", "cluster_size=2M",
+            "extended_l2=on"]
+
+
+@pytest.mark.parametrize("mode", ["off", "metadata", "falloc", "full"])
+@pytest.mark.parametrize("options", PROFILES)
+def test_grow_keeps_the_guest_view(tmp_path, options, mode):
+    path = _used(tmp_path, options)
+    before = _guest(path, tmp_path)
+    result = api.grow(path, GROWN, mode, passphrase=KEY)
+    assert result["changed"] and result["new_size"] == GROWN
+    after = _guest(path, tmp_path)
+    assert after[:SIZE] == before
+    assert after[SIZE:] == bytes(GROWN - SIZE)
+    _checked(path)
+    # Then a guest writes across the old end and reads it back.
+    _io(path, "write -P 0x44 %d 128k" % (SIZE - (64 << 10)),
+        "read -P 0x44 %d 128k" % (SIZE - (64 << 10)), "read -P 0 %d 1M" % (GROWN - (1 << 20)))
+    _checked(path)
+
+
+@pytest.mark.parametrize("target", ["metadata", "falloc", "full"])
+@pytest.mark.parametrize("options", ["", "cluster_size=512", "extended_l2=on"])
+def test_raise_keeps_the_guest_view(tmp_path, options, target):
+    path = _used(tmp_path, options)
+    before = _guest(path, tmp_path)
+    current = api.observe(path)["preallocation"]
+    api.raise_preallocation(path, current, target, passphrase=KEY)
+    assert _guest(path, tmp_path) == before
+    _checked(path)
+    state = api.observe(path)
+    assert state["preallocation"] in ("metadata", "falloc", "full")
+    assert state["guest_data"] is True
+
+
+def _digest(path):
+    with open(path, "rb") as handle:
+        return hashlib.sha256(handle.read()).hexdigest()
+
+
+@pytest.mark.parametrize("key,word", [(None, "needs its passphrase"),
+                                      (b"abd", "opens no key slot")])
+def test_no_or_wrong_passphrase_writes_nothing(tmp_path, key, word):
+    path = _used(tmp_path)
+    before = _digest(path)
+    for change in (lambda: api.grow(path, GROWN, "off", passphrase=key),
+                   lambda: api.raise_preallocation(path, "off", "full", passphrase=key)):
+        with pytest.raises(Qcow2Error) as err:
+            change()
+        assert word in str(err.value) and err.value.option == "encrypt_passphrase"
+        assert _digest(path) == before
+
+
+def test_compat_010_grows_thin_and_refuses_preallocation(tmp_path):
+    path = str(tmp_path / "v2.qcow2")
+    oracle.qemu_luks(path, "8M", options="compat=0.10")
+    _io(path, "write -P 0x66 1M 64k")
+    before = _guest(path, tmp_path)
+    with pytest.raises(Qcow2Error) as err:
+        api.grow(path, GROWN, "metadata", passphrase=KEY)
+    assert "compat 0.10" in str(err.value) and "zero flag" in str(err.value)
+    api.grow(path, GROWN, "off", passphrase=KEY)
+    after = _guest(path, tmp_path)
+    assert after[:SIZE] == before and after[SIZE:] == bytes(GROWN - SIZE)
+    _checked(path)
+
+
+@pytest.mark.parametrize("options", ["compat=0.10", "compat=1.1"])
+def test_made_in_every_mode_reads_zeros(tmp_path, options):
+    for mode in ("off", "metadata", "falloc", "full"):
+        if options == "compat=0.10" and mode != "off":
+            with pytest.raises(Qcow2Error) as err:
+                api.create(str(tmp_path / "n.qcow2"), {"size": SIZE, "preallocation": mode,
+                                                       "compat": "0.10"},
+                           passphrase=KEY, iterations=(1000, 1000))
+            assert err.value.option == "preallocation"
+            continue
+        path = str(tmp_path / ("%s.qcow2" % mode))
+        api.create(path, {"size": SIZE, "preallocation": mode,
+                          "compat": options.split("=")[1]},
+                   passphrase=KEY, iterations=(1000, 1000))
+        assert _guest(path, tmp_path) == bytes(SIZE)
+        _checked(path)
+        assert api.observe(path)["preallocation"] == mode
