@@ -27,6 +27,22 @@ def item_validator():
                                  mutually_exclusive=image_task.MUTUALLY_EXCLUSIVE)
 
 
+def secrets(images, defaults):
+    """The values of the no_log options of vdisk.qcow2.image (passphrases) in the items and
+    defaults, before any validation: AnsibleModule cannot know them (the items are plain
+    dicts), so the module registers them itself, before it logs its invocation."""
+    secret_keys = [key for key, spec in image_task.argument_spec().items() if spec.get("no_log")]
+    found = set()
+    for entry in list(images or []) + [defaults or {}]:
+        if not isinstance(entry, dict):
+            continue
+        for key in secret_keys:
+            value = entry.get(key)
+            if isinstance(value, str) and value:
+                found.add(value)
+    return found
+
+
 def merge(defaults, item):
     """The item over the defaults: the item's own keys win, and a key set to None (null) in
     either is left out, so the option takes the module's own default."""
@@ -119,6 +135,7 @@ class ImageList(object):
             return dict(path=given, changed=False, failed=True, skipped=False, actions=[],
                         image={}, msg="; ".join(messages))
         params = checked.validated_parameters
+        self.module.no_log_values.update(checked._no_log_values)
         path = params["path"]
         for option, name in _depends_on(params, path):
             failed = self.broken.get(_key(name))

@@ -48,7 +48,7 @@ def argument_spec():
         source_backing_chain=dict(type="bool", default=False),
         encrypt_format=dict(type="str", choices=list(encryption.FORMATS)),
         encrypt_passphrase=dict(type="str", no_log=True),
-        encrypt_passphrase_file=dict(type="path"),
+        encrypt_passphrase_file=dict(type="path", no_log=False),
         encrypt_cipher_alg=dict(type="str", choices=list(encryption.CIPHER_ALGS)),
         encrypt_cipher_mode=dict(type="str", choices=list(encryption.CIPHER_MODES)),
         encrypt_ivgen_alg=dict(type="str", choices=list(encryption.IVGEN_ALGS)),

@@ -193,12 +193,12 @@ options:
     default: false
   encrypt_format:
     description:
-      - Encrypt the image's guest data at rest: V(luks) makes a LUKS-encrypted qcow2 image, as
+      - Encrypt the image's guest data at rest. V(luks) makes a LUKS-encrypted qcow2 image, as
         C(qemu-img create -o encrypt.format=luks) does (the LUKS header in its own clusters,
         qcow2's C(crypt_method) 2). QEMU opens it with C(--object secret,...) and
         C(encrypt.key-secret); libvirt with C(<encryption format='luks'>).
       - Left out, the image is declared unencrypted, and an existing encrypted image is a
-        conflict (as is an existing plain image declared encrypted): changing either way
+        conflict (as is an existing plain image declared encrypted); changing either way
         rewrites the image, so it needs O(regenerate) or O(force).
       - Needs the Python package C(cryptography) on the managed host (C(python3-cryptography)
         on Debian, RHEL and SUSE), only for encrypted images; a missing package is named in
@@ -222,7 +222,7 @@ options:
     type: str
   encrypt_passphrase_file:
     description:
-      - A file on the managed host holding the passphrase: its whole content, byte for byte,
+      - A file on the managed host holding the passphrase, its whole content byte for byte,
         as QEMU's C(secret) object reads a C(file=) (a trailing newline is part of the
         passphrase).
       - Must be a regular file of at most 64 KiB (a FIFO or device node is refused without

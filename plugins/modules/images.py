@@ -238,14 +238,27 @@ from ansible_collections.vdisk.qcow2.plugins.module_utils import bytecode_cache 
 from ansible_collections.vdisk.qcow2.plugins.module_utils import image_list
 
 
+class ImagesModule(AnsibleModule):
+    """AnsibleModule that knows the items' passphrases (encrypt_passphrase...) are secrets
+    before it logs its invocation: they are masked in the host's log and in the result."""
+
+    def _log_invocation(self):
+        self.no_log_values.update(image_list.secrets(self.params.get("images"),
+                                                     self.params.get("defaults")))
+        super(ImagesModule, self)._log_invocation()
+
+
 def main():
-    module = AnsibleModule(
+    module = ImagesModule(
         argument_spec=dict(
             images=dict(type="list", elements="dict", required=True),
             defaults=dict(type="dict", default={}),
         ),
         supports_check_mode=True,
     )
+    # Also when the invocation is not logged (no_log): the result's copy of the arguments.
+    module.no_log_values.update(image_list.secrets(module.params["images"],
+                                                   module.params["defaults"]))
     if "path" in module.params["defaults"]:
         module.fail_json(msg="defaults: path is given per item of images, not in defaults")
     runner = image_list.ImageList(module, module.params["images"], module.params["defaults"])

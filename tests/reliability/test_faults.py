@@ -61,14 +61,17 @@ CHILD = textwrap.dedent("""
                  "replace"):
         setattr(os, name, wrap(getattr(os, name)))
     fileops.fallocate = wrap(fileops.fallocate)
+    key = arg.pop("passphrase", None) if isinstance(arg, dict) else None
+    key = key.encode() if key is not None else None
     if op == "create":
-        api.create(path, arg, replace=True)
+        api.create(path, arg, replace=True, passphrase=key,
+                   iterations=(1000, 1000) if key else None)
     elif op == "grow":
-        api.grow(path, arg["size"], arg["mode"])
+        api.grow(path, arg["size"], arg["mode"], passphrase=key)
     elif op == "raise":
         api.raise_preallocation(path, arg["current"], arg["target"])
     elif op == "reclaim":
-        api.reclaim_leaks(path)
+        api.reclaim_leaks(path, passphrase=key)
     elif op == "convert":
         api.create_from(path, arg["values"], arg["src"], arg["fmt"], replace=True)
     else:

@@ -64,8 +64,8 @@ class GuestView(object):
         # Fresh clusters on a device hold old bytes: zero them or flag them. In an encrypted
         # image zeros are no help (they decrypt to garbage): the flag it is, in every mode.
         self.encrypted = bool(img.header.crypt_method)
-        self.zero_data = device and not self.encrypted and (self.v2 or mode in ("falloc",
-                                                                                 "full"))
+        self.zero_data = device and not self.encrypted and \
+            (self.v2 or mode in ("falloc", "full"))
         self.fresh_flag = C.OFLAG_ZERO if (self.encrypted or (device and not self.zero_data)) \
             and not self.extl2 else 0
 

@@ -39,6 +39,13 @@ def _both(capsys, **args):
     return predicted, done
 
 
+def _with(base, **changes):
+    """A copy of the task arguments `base` with `changes`."""
+    out = dict(base)
+    out.update(changes)
+    return out
+
+
 def _digest(path):
     with open(path, "rb") as handle:
         return hashlib.sha256(handle.read()).hexdigest()
@@ -64,7 +71,8 @@ def test_declared_ciphers_are_made_and_compared(tmp_path, capsys):
     path = str(tmp_path / "cbc.qcow2")
     spec = dict(encrypt_cipher_alg="aes-128", encrypt_cipher_mode="cbc",
                 encrypt_ivgen_alg="essiv", encrypt_hash_alg="sha512")
-    _predicted, done = _both(capsys, path=path, size="8M", _ansible_diff=True, **dict(FAST, **spec))
+    _predicted, done = _both(capsys, **_with(FAST, path=path, size="8M",
+                                             _ansible_diff=True, **spec))
     view = done["image"]["encryption"]
     assert (view["cipher_alg"], view["cipher_mode"], view["ivgen_alg"],
             view["ivgen_hash_alg"], view["hash_alg"]) == \
@@ -72,7 +80,7 @@ def test_declared_ciphers_are_made_and_compared(tmp_path, capsys):
     assert done["diff"]["after"]["encryption"]["cipher_mode"] == "cbc"
     before = _digest(path)
     _predicted, other = _both(capsys, path=path, size="8M", encrypt_cipher_mode="xts",
-                              **dict(FAST, encrypt_cipher_alg="aes-128"))
+                              **_with(FAST, encrypt_cipher_alg="aes-128"))
     assert other["failed"] and "encrypt_cipher_mode is cbc, declared xts" in other["msg"]
     assert _digest(path) == before
 
@@ -100,8 +108,9 @@ def test_grown_with_its_passphrase_only(tmp_path, capsys, mode):
     path = str(tmp_path / "grow.qcow2")
     module_runs.run(image_module, capsys, path=path, size="8M", preallocation=mode, **FAST)
     before = _digest(path)
-    wrong = dict(FAST, encrypt_passphrase=SECRET + "!")
-    _predicted, refused = _both(capsys, path=path, size="24M", preallocation=mode, **wrong)
+    wrong = _with(FAST, encrypt_passphrase=SECRET + "!", path=path, size="24M",
+                  preallocation=mode)
+    _predicted, refused = _both(capsys, **wrong)
     assert refused["failed"] and "opens no key slot" in refused["msg"]
     assert refused.get("option") == "encrypt_passphrase"
     assert _digest(path) == before
@@ -121,9 +130,9 @@ def test_passphrase_file(tmp_path, capsys):
     _predicted, done = _both(capsys, encrypt_passphrase_file=str(key), **args)
     assert done["changed"]
     # The trailing newline is part of the passphrase, as for QEMU's secret file=.
-    _predicted, nl = _both(capsys, encrypt_passphrase="from a file", **dict(args, size="9M"))
+    _predicted, nl = _both(capsys, **_with(args, encrypt_passphrase="from a file", size="9M"))
     assert nl["failed"] and "opens no key slot" in nl["msg"]
-    _predicted, ok = _both(capsys, encrypt_passphrase="from a file\n", **dict(args, size="9M"))
+    _predicted, ok = _both(capsys, **_with(args, encrypt_passphrase="from a file\n", size="9M"))
     assert ok["changed"] and ok["image"]["virtual_size"] == 9 << 20
 
 
@@ -189,3 +198,23 @@ def test_cipher_options_need_the_format(tmp_path, capsys):
     result = module_runs.run(image_module, capsys, path=str(tmp_path / "n.qcow2"), size="8M",
                              encrypt_cipher_alg="aes-256")
     assert result["failed"] and "encrypt_format" in result["msg"]
+
+
+def test_images_masks_item_passphrases_in_log_and_result(tmp_path, capsys, monkeypatch):
+    from ansible.module_utils import basic
+    from ansible_collections.vdisk.qcow2.plugins.modules import images as images_module
+    logged = []
+    monkeypatch.setattr(basic.AnsibleModule, "log",
+                        lambda self, msg, log_args=None: logged.append((msg, log_args)))
+    other = "another secret passphrase"
+    args = dict(images=[dict(path=str(tmp_path / "a.qcow2"), size="8M", **FAST),
+                        dict(path=str(tmp_path / "b.qcow2"), size="8M",
+                             encrypt_passphrase=other)],
+                defaults=dict(encrypt_format="luks", encrypt_iter_time=10))
+    predicted, done = module_runs.both(images_module, capsys, **args)
+    assert [r["changed"] for r in done["results"]] == [True, True], done
+    assert [r["changed"] for r in predicted["results"]] == [True, True]
+    assert logged, "the invocation was not logged"
+    for text in [json.dumps(predicted), json.dumps(done), repr(logged)]:
+        assert SECRET not in text and other not in text
+    assert "'encrypt_passphrase': '********'" in repr(logged)
