@@ -104,9 +104,10 @@ def test_copy_into_an_encrypted_image(tmp_path, sources, kind, mode, cluster_siz
                                             "cluster_size": cluster_size})
 
 
-@pytest.mark.parametrize("mode", ["off", "metadata"])
-def test_copy_into_an_encrypted_image_with_extended_l2(tmp_path, sources, mode):
-    source, fmt = sources["raw"]
+@pytest.mark.parametrize("mode", ["off", "metadata", "falloc", "full"])
+@pytest.mark.parametrize("kind", ["raw", "qcow2"])
+def test_copy_into_an_encrypted_image_with_extended_l2(tmp_path, sources, kind, mode):
+    source, fmt = sources[kind]
     _copy_and_judge(tmp_path, source, fmt, {"preallocation": mode, "extended_l2": True,
                                             "cluster_size": 65536})
 
@@ -174,3 +175,14 @@ def test_encrypted_copy_without_a_passphrase_is_refused(tmp_path, sources):
                              source_format=fmt)
     assert err.value.option == "encrypt_passphrase"
     assert not os.path.lexists(target)
+
+
+@pytest.mark.parametrize("values", [{"extended_l2": True}, {"cluster_size": 512}])
+def test_our_encrypted_copy_read_back_as_a_source(tmp_path, sources, values):
+    """An encrypted image of ours (subclusters or small clusters partly written) is itself a
+    source: decrypted, it reads as the original."""
+    source, fmt = sources["qcow2"]
+    encrypted = _copy_and_judge(tmp_path, source, fmt, values)
+    target = str(tmp_path / "plain.qcow2")
+    api.create_from(target, {}, encrypted, "qcow2", source_passphrase=b"xyz")
+    assert _guest(tmp_path, target) == _guest(tmp_path, source, fmt=fmt)
