@@ -21,7 +21,9 @@ from ansible_collections.vdisk.qcow2.plugins.module_utils.qcow2.format.errors im
 
 def argument_spec():
     """The options of one image (without the file attributes, which AnsibleModule adds with
-    add_file_common_args). A new dict each call, so a caller may change it."""
+    add_file_common_args). A new dict each call, so a caller may change it. The passphrase
+    files' options name a path, not a secret: no_log=False says so (else ansible-core warns on
+    their names)."""
     return dict(
         path=dict(type="path", required=True),
         state=dict(type="str", default="present", choices=["present", "absent"]),
@@ -46,6 +48,8 @@ def argument_spec():
         source=dict(type="path"),
         source_format=dict(type="str", choices=["raw", "qcow2"]),
         source_backing_chain=dict(type="bool", default=False),
+        source_passphrase=dict(type="str", no_log=True),
+        source_passphrase_file=dict(type="path", no_log=False),
         encrypt_format=dict(type="str", choices=list(encryption.FORMATS)),
         encrypt_passphrase=dict(type="str", no_log=True),
         encrypt_passphrase_file=dict(type="path", no_log=False),
@@ -59,40 +63,41 @@ def argument_spec():
 
 
 REQUIRED_TOGETHER = [("backing_file", "backing_fmt"), ("source", "source_format")]
-REQUIRED_BY = {"data_file_raw": "data_file", "encrypt_passphrase": "encrypt_format",
+REQUIRED_BY = {"data_file_raw": "data_file", "source_passphrase": "source",
+               "source_passphrase_file": "source", "encrypt_passphrase": "encrypt_format",
                "encrypt_passphrase_file": "encrypt_format",
                "encrypt_cipher_alg": "encrypt_format", "encrypt_cipher_mode": "encrypt_format",
                "encrypt_ivgen_alg": "encrypt_format", "encrypt_ivgen_hash_alg": "encrypt_format",
                "encrypt_hash_alg": "encrypt_format", "encrypt_iter_time": "encrypt_format"}
-MUTUALLY_EXCLUSIVE = [("encrypt_passphrase", "encrypt_passphrase_file")]
+MUTUALLY_EXCLUSIVE = [("encrypt_passphrase", "encrypt_passphrase_file"),
+                      ("source_passphrase", "source_passphrase_file")]
 # The most a passphrase file may hold (QEMU's secrets are small; a bound keeps a hostile file
 # from filling memory).
 PASSPHRASE_FILE_LIMIT = 64 * 1024
 
 
-def _read_secret(path):
-    """The bytes of a passphrase file: a regular file (a link is followed), opened without
-    blocking (a FIFO or device node is refused, never waited on), at most
-    PASSPHRASE_FILE_LIMIT bytes."""
+def _read_secret(path, option="encrypt_passphrase_file"):
+    """The bytes of a passphrase file (`option` names it in errors): a regular file (a link
+    is followed), opened without blocking (a FIFO or device node is refused, never waited
+    on), at most PASSPHRASE_FILE_LIMIT bytes."""
     import stat
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
     except OSError as exc:
-        raise Qcow2Error("encrypt_passphrase_file: cannot open %s: %s"
-                         % (path, exc.strerror or exc), option="encrypt_passphrase_file")
+        raise Qcow2Error("%s: cannot open %s: %s" % (option, path, exc.strerror or exc),
+                         option=option)
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise Qcow2Error("encrypt_passphrase_file: %s is not a regular file" % path,
-                             option="encrypt_passphrase_file")
+            raise Qcow2Error("%s: %s is not a regular file" % (option, path), option=option)
         if st.st_size > PASSPHRASE_FILE_LIMIT:
-            raise Qcow2Error("encrypt_passphrase_file: %s holds %d bytes; a passphrase file "
-                             "holds at most %d" % (path, st.st_size, PASSPHRASE_FILE_LIMIT),
-                             option="encrypt_passphrase_file")
+            raise Qcow2Error("%s: %s holds %d bytes; a passphrase file holds at most %d"
+                             % (option, path, st.st_size, PASSPHRASE_FILE_LIMIT),
+                             option=option)
         data = os.read(fd, PASSPHRASE_FILE_LIMIT + 1)
         if len(data) > PASSPHRASE_FILE_LIMIT:
-            raise Qcow2Error("encrypt_passphrase_file: %s grew past %d bytes while it was read"
-                             % (path, PASSPHRASE_FILE_LIMIT), option="encrypt_passphrase_file")
+            raise Qcow2Error("%s: %s grew past %d bytes while it was read"
+                             % (option, path, PASSPHRASE_FILE_LIMIT), option=option)
         return data
     finally:
         os.close(fd)
@@ -175,6 +180,7 @@ class ImageTask(object):
         self.result = dict(changed=False, actions=[], image={}, path=self.given)
         self.identity = None    # (st_dev, st_ino) of what observe looked at
         self._passphrase = None
+        self._source_passphrase = None
         if self.params.get("source"):
             self.result["source"] = self.params["source"]
 
@@ -208,10 +214,11 @@ class ImageTask(object):
         if self.params["source"] and not os.path.isabs(self.params["source"]):
             self.fail("source: %r is relative; give the template's absolute path"
                       % self.params["source"], option="source")
-        secret_file = self.params.get("encrypt_passphrase_file")
-        if secret_file and not os.path.isabs(secret_file):
-            self.fail("encrypt_passphrase_file: %r is relative; give the absolute path of the "
-                      "file on the host" % secret_file, option="encrypt_passphrase_file")
+        for option in ("encrypt_passphrase_file", "source_passphrase_file"):
+            secret_file = self.params.get(option)
+            if secret_file and not os.path.isabs(secret_file):
+                self.fail("%s: %r is relative; give the absolute path of the file on the host"
+                          % (option, secret_file), option=option)
         if self.params["data_file"] and not os.path.isabs(self.params["data_file"]):
             self.fail("data_file must be an absolute path (QEMU resolves relative data file "
                       "names against its own working directory)")
@@ -220,20 +227,29 @@ class ImageTask(object):
         """The declared passphrase as bytes, None when none is declared: encrypt_passphrase
         as UTF-8, or the whole content of encrypt_passphrase_file, as QEMU's secret object
         reads a file (a trailing newline is part of it). Read once."""
-        if self._passphrase is not None:
-            return self._passphrase
+        if self._passphrase is None:
+            self._passphrase = self._secret("encrypt_passphrase")
+        return self._passphrase
+
+    def source_passphrase(self):
+        """The passphrase of an encrypted source as bytes (source_passphrase or the content of
+        source_passphrase_file, as for passphrase), None when none is declared. Read once."""
+        if self._source_passphrase is None:
+            self._source_passphrase = self._secret("source_passphrase")
+        return self._source_passphrase
+
+    def _secret(self, option):
+        """The bytes option `option` (or `option`_file) declares, None when neither is set."""
         params = self.params
-        if params.get("encrypt_passphrase") is not None:
-            value = params["encrypt_passphrase"].encode("utf-8")
-            option = "encrypt_passphrase"
-        elif params.get("encrypt_passphrase_file"):
-            value = _read_secret(params["encrypt_passphrase_file"])
-            option = "encrypt_passphrase_file"
+        if params.get(option) is not None:
+            value = params[option].encode("utf-8")
+        elif params.get(option + "_file"):
+            option += "_file"
+            value = _read_secret(params[option], option)
         else:
             return None
         if not value:
             self.fail("%s: the passphrase is empty" % option, option=option)
-        self._passphrase = value
         return value
 
     def warn_surprises(self, decision):
@@ -296,12 +312,14 @@ class ImageTask(object):
                       conflicts=decision.conflicts)
         api.add_leftover_cleanup(self.path, decision)
         secret = self.passphrase() if params["state"] == "present" else None
+        source_secret = self.source_passphrase() if params["state"] == "present" else None
         try:
             if self.planned:
                 api.preflight(self.path, decision, expected=self.identity, planned=self.planned,
-                              passphrase=secret)
+                              passphrase=secret, source_passphrase=source_secret)
             else:
-                api.preflight(self.path, decision, expected=self.identity, passphrase=secret)
+                api.preflight(self.path, decision, expected=self.identity, passphrase=secret,
+                              source_passphrase=source_secret)
         except Qcow2Error as exc:
             self.fail(str(exc), option=exc.option, wanted=decision.texts())
         self.result["actions"] = decision.texts()
@@ -333,7 +351,8 @@ class ImageTask(object):
         try:
             outcomes = api.apply(self.path, decision,
                                  mode=module_support.creation_mode(self.module, self.params),
-                                 expected=self.identity, passphrase=self.passphrase())
+                                 expected=self.identity, passphrase=self.passphrase(),
+                                 source_passphrase=self.source_passphrase())
         except Qcow2Error as exc:
             if backup and os.path.lexists(backup) and os.path.exists(self.path) and \
                     os.path.samefile(backup, self.path):
@@ -435,7 +454,8 @@ class ImageTask(object):
         """(real path, what it will be) after this image's run, for the `planned` map of the
         images that follow it in check mode; None when the run changes nothing on disk. What
         it will be: None when it is removed, else {"format": "qcow2", "virtual_size": N,
-        "backing_file": name or None, "made": whether this run creates or recreates it}."""
+        "backing_file": name or None, "made": whether this run creates or recreates it,
+        "encrypted": whether it is declared encrypted}."""
         decision = self.decision
         if decision is None or not decision.actions:
             return None
@@ -444,7 +464,8 @@ class ImageTask(object):
             return key, None
         made = any(a.kind in ("create", "recreate") for a in decision.actions)
         return key, {"format": "qcow2", "virtual_size": decision.after.get("virtual_size"),
-                     "backing_file": decision.after.get("backing_file"), "made": made}
+                     "backing_file": decision.after.get("backing_file"), "made": made,
+                     "encrypted": bool(decision.after.get("encryption"))}
 
     def result_with_path_info(self, result):
         """`result` with the file attributes AnsibleModule adds to a module's result for its

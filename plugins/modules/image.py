@@ -163,10 +163,11 @@ options:
         copy the template again over a disk the guest has used, set O(regenerate=always).
         Check mode predicts exactly what a creation would do.
       - O(size) defaults to the source's virtual size; a smaller size is refused.
-      - The source is opened read-only and never locked. An encrypted, corrupt or dirty source,
-        one a running QEMU writes to, one with an external data file, and a qcow2 source with
-        a backing file (unless O(source_backing_chain=true)) are refused before anything is
-        written, in check mode too.
+      - The source is opened read-only and never locked. A corrupt or dirty source, one a
+        running QEMU writes to, one with an external data file, a qcow2 source with a backing
+        file (unless O(source_backing_chain=true)) and an encrypted one without the passphrase
+        that opens it (O(source_passphrase)) are refused before anything is written, in check
+        mode too.
       - A template is untrusted by default. Vet a downloaded one with
         M(vdisk.qcow2.image_info) (its C(image.unsafe_reasons) result) before using it.
     type: path
@@ -191,6 +192,25 @@ options:
       - Raw sources and qcow2 sources without a backing file need no opt-in.
     type: bool
     default: false
+  source_passphrase:
+    description:
+      - The passphrase of a LUKS-encrypted qcow2 O(source) (qcow2's C(crypt_method) 2, as
+        C(qemu-img create -o encrypt.format=luks) makes it). Its data is decrypted as it is
+        read; the new image is plain unless O(encrypt_format) is declared (then it is encrypted
+        with its own master key under O(encrypt_passphrase)).
+      - A wrong passphrase, or an encrypted source without one, is refused before anything is
+        written, in check mode too. Only the top image of a source's chain may be encrypted.
+      - Used as its UTF-8 bytes. Never logged nor returned. Needs the Python package
+        C(cryptography) on the managed host.
+      - Mutually exclusive with O(source_passphrase_file). Only used with O(source).
+    type: str
+  source_passphrase_file:
+    description:
+      - A file on the managed host holding the passphrase of an encrypted O(source), read as
+        O(encrypt_passphrase_file) is (its whole content, byte for byte; a regular file of at
+        most 64 KiB; an absolute path).
+      - Only used with O(source).
+    type: path
   encrypt_format:
     description:
       - Encrypt the image's guest data at rest. V(luks) makes a LUKS-encrypted qcow2 image, as
@@ -207,7 +227,10 @@ options:
         reads zeros in every mode (its preallocated clusters carry qcow2's zero flag, where
         qemu-img's read decrypted garbage). Compat V(0.10) has no zero flag, so an encrypted
         compat V(0.10) image is made with O(preallocation=off) only.
-      - An external O(data_file) and a O(source) copy are not combined with encryption yet.
+      - With O(source) the copy is encrypted as it is written. Every cluster holding data is
+        encrypted whole (its zeros too), the clusters that read zeros stay unallocated or
+        carry the zero flag, in every preallocation mode.
+      - An external O(data_file) is not combined with encryption yet.
       - The passphrase is checked against the image's key slots when the run changes the image
         in place (a wrong one fails before anything is written, in check mode too). A run that
         changes nothing does not derive the key slot (which costs O(encrypt_iter_time)).
@@ -446,6 +469,15 @@ EXAMPLES = r"""
     encrypt_cipher_alg: aes-256
     encrypt_cipher_mode: xts
     encrypt_hash_alg: sha512
+
+- name: An encrypted disk made from an encrypted template, each under its own passphrase
+  vdisk.qcow2.image:
+    path: /var/lib/images/db03.qcow2
+    source: /var/lib/images/templates/debian-12-encrypted.qcow2
+    source_format: qcow2
+    source_passphrase_file: /etc/vdisk/template.key
+    encrypt_format: luks
+    encrypt_passphrase: "{{ vault_db03_disk_passphrase }}"
 
 - name: Remove an image (refused while a VM runs on it)
   vdisk.qcow2.image:

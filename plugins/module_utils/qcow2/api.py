@@ -99,15 +99,12 @@ def plan_for(path, opts):
     return plan_create(opts, zero_flag=is_block_device(path), luks_header=region)
 
 
-def check_encryption(path, opts, passphrase, device=False, copy=False):
+def check_encryption(path, opts, passphrase, device=False):
     """Raise what making the encrypted image `opts` declares would fail on before its first
-    write (check mode runs it too): no passphrase, a block device, a copy, no cryptography."""
+    write (check mode runs it too): no passphrase, a block device, no cryptography. An
+    encrypted image is made empty or as a copy of a source alike."""
     if opts.encryption is None:
         return
-    if copy:
-        raise Qcow2Error("encrypt_format: an encrypted image is not made as a copy of a source "
-                         "yet (create it empty, or copy into a plain image)",
-                         option="encrypt_format")
     if passphrase is None:
         raise Qcow2Error("encrypt_passphrase: an encrypted image is made only with a passphrase "
                          "(encrypt_passphrase, or encrypt_passphrase_file on the host)",
@@ -162,14 +159,15 @@ def starts_with_qcow2_header(path):
         os.close(fd)
 
 
-def open_source(source, source_format, allow_backing=False):
+def open_source(source, source_format, allow_backing=False, passphrase=None):
     """Open a source of guest content (raw or qcow2, read-only); a Source (close it). A qcow2
-    source with a backing file is refused unless `allow_backing` (the chain is trusted)."""
+    source with a backing file is refused unless `allow_backing` (the chain is trusted). A
+    LUKS-encrypted qcow2 source opens only with a `passphrase` (bytes) that unlocks it."""
     from .copy.source import open_source as _open
     if source_format not in ("raw", "qcow2"):
         raise Qcow2Error("source_format: %r is not raw or qcow2 (the format of a source is never "
                          "guessed)" % (source_format,), option="source_format")
-    return _open(source, source_format, allow_backing=allow_backing)
+    return _open(source, source_format, allow_backing=allow_backing, passphrase=passphrase)
 
 
 def source_options(path, values, source):
@@ -184,12 +182,20 @@ def source_options(path, values, source):
 
 
 def create_from(path, values, source, source_format, replace=False, mode=0o644,
-                allow_backing=False):
+                allow_backing=False, passphrase=None, iterations=None, source_passphrase=None):
     """Create the image at `path` with the guest content of a source. Returns a dict. A qcow2
-    source's backing chain is flattened only with `allow_backing`, else refused."""
+    source's backing chain is flattened only with `allow_backing`, else refused.
+
+    With encrypt_* options (or a `passphrase` alone: QEMU's defaults) the copy is LUKS
+    encrypted as it is written, key slot 0 opening with `passphrase` (as for create);
+    `source_passphrase` (bytes) opens an encrypted source."""
     from .copy.convert import create_from_source
     nodes.check_node(path)
-    src = open_source(source, source_format, allow_backing=allow_backing)
+    if passphrase is not None and not isinstance(values, CreateOptions) and \
+            values.get("encrypt_format") is None:
+        values = dict(values, encrypt_format="luks")
+    src = open_source(source, source_format, allow_backing=allow_backing,
+                      passphrase=source_passphrase)
     try:
         if replace and os.path.lexists(path):
             from .read import lock
@@ -197,9 +203,12 @@ def create_from(path, values, source, source_format, replace=False, mode=0o644,
                 raise Qcow2Error("%s: the image is in use by a running QEMU; it is not replaced"
                                  % path, path=path)
         opts = source_options(path, values, src)
-        check_encryption(path, opts, None, copy=True)
+        check_encryption(path, opts, passphrase)
         _check_directory(path, "create the image")
-        return create_from_source(path, opts, src, replace=replace, mode=mode)
+        luks = None
+        if opts.encryption is not None:
+            luks = _luks_keys(opts.encryption, passphrase, iterations)
+        return create_from_source(path, opts, src, replace=replace, mode=mode, luks=luks)
     finally:
         src.close()
 
@@ -252,13 +261,19 @@ def create(path, values, replace=False, mode=0o644, check_backing=True, passphra
 def _luks_region(spec, passphrase, iterations=None):
     """The LUKS header region of a new image: a random master key in key slot 0 under
     `passphrase`, the rounds calibrated to spec.iter_time unless `iterations` are given."""
+    return _luks_keys(spec, passphrase, iterations)[0]
+
+
+def _luks_keys(spec, passphrase, iterations=None):
+    """(LUKS header region, master key) of a new image, as for _luks_region: a copy keeps the
+    master key to encrypt the data it writes."""
     from .crypto import luks1
     if iterations is None:
         from .crypto.iterations import for_time
         iterations = for_time(spec.hash_alg, spec.iter_time, spec.key_bytes())
     return luks1.build(passphrase, cipher_alg=spec.cipher_alg, cipher_mode=spec.cipher_mode,
                        ivgen_alg=spec.ivgen_alg, ivgen_hash_alg=spec.ivgen_hash_alg,
-                       hash_alg=spec.hash_alg, iterations=iterations)[0]
+                       hash_alg=spec.hash_alg, iterations=iterations)
 
 
 def grow(path, size, mode="off", passphrase=None):
@@ -338,20 +353,26 @@ def _check_directory(path, what):
 
 
 def preflight_create(path, values, replace=False, source=None, source_format=None,
-                     allow_backing=False, planned=None, passphrase=None):
+                     allow_backing=False, planned=None, passphrase=None, source_passphrase=None):
     """Raise what creating (or replacing) the image at `path` would fail on before its first
     write: options, the directory, the backing file, the source (its backing chain refused
-    unless `allow_backing`), the encryption (`passphrase`), free space. Reads only."""
+    unless `allow_backing`, an encrypted one unless `source_passphrase` opens it), the
+    encryption (`passphrase`), free space. Reads only."""
     nodes.check_node(path)
+    if source is not None and passphrase is not None and \
+            not isinstance(values, CreateOptions) and values.get("encrypt_format") is None:
+        values = dict(values, encrypt_format="luks")
     if source is not None and _planned_source(planned, source):
         return _preflight_planned_copy(path, values, source, source_format, allow_backing,
-                                       planned[os.path.realpath(source)])
+                                       planned[os.path.realpath(source)], passphrase,
+                                       source_passphrase)
     if source is not None:
         from .copy.convert import check_space as check_copy_space
-        src = open_source(source, source_format, allow_backing=allow_backing)
+        src = open_source(source, source_format, allow_backing=allow_backing,
+                          passphrase=source_passphrase)
         try:
             opts = source_options(path, values, src)
-            check_encryption(path, opts, passphrase, copy=True)
+            check_encryption(path, opts, passphrase)
             if is_block_device(path):
                 raise Qcow2Error("%s: copying a source onto a block device is not supported"
                                  % path, path=path)
@@ -390,7 +411,8 @@ def _planned_source(planned, source):
     return entry is None or entry.get("made") or not os.path.lexists(source)
 
 
-def _preflight_planned_copy(path, values, source, source_format, allow_backing, entry):
+def _preflight_planned_copy(path, values, source, source_format, allow_backing, entry,
+                            passphrase=None, source_passphrase=None):
     """preflight_create for a copy whose source an earlier image of the run makes (`entry`,
     see preflight): the options and the refusals a real run meets, judged from that image's
     declaration. The copy's free space is not judged (the source's data is not known yet)."""
@@ -405,6 +427,11 @@ def _preflight_planned_copy(path, values, source, source_format, allow_backing, 
         from .copy.source import backing_refusal
         raise Qcow2Error("source: " + backing_refusal(source, entry["backing_file"]),
                          option="source", path=source)
+    if entry.get("encrypted") and source_passphrase is None:
+        # (A passphrase given is judged by the real run: the key slot is not made yet.)
+        raise Qcow2Error("source: %s is LUKS encrypted; give its passphrase (source_passphrase "
+                         "or source_passphrase_file) to copy it" % source, option="source",
+                         path=source)
 
     class _Planned(object):
         size = entry["virtual_size"]
@@ -413,7 +440,7 @@ def _preflight_planned_copy(path, values, source, source_format, allow_backing, 
     if values.get("size") is None:
         values["size"] = _Planned.size
     opts = parse_options(path, values)
-    check_encryption(path, opts, None, copy=True)
+    check_encryption(path, opts, passphrase)
     from .copy.convert import check_source_fits
     check_source_fits(opts, _Planned)
     if is_block_device(path):
@@ -428,7 +455,8 @@ def preflight_remove(path):
     _check_directory(path, "remove the image")
 
 
-def preflight(path, decision, expected=None, planned=None, passphrase=None):
+def preflight(path, decision, expected=None, planned=None, passphrase=None,
+              source_passphrase=None):
     """Raise the Qcow2Error that applying `decision` in place would raise before its first
     write: the editor's guard (dirty, corrupt, damaged) and the planners' guest-view rules.
     Reads only; check mode runs it so its prediction matches the real run. `expected` is the
@@ -438,7 +466,7 @@ def preflight(path, decision, expected=None, planned=None, passphrase=None):
     removes to what it will be: None (removed) or {"format": ..., "virtual_size": N}; a
     backing file found there is taken as that, not looked up. `passphrase`: as for apply (an
     encrypted image's key slot is opened with it here, so a wrong one fails in check mode
-    too)."""
+    too). `source_passphrase`: the key of an encrypted source a creation copies."""
     nodes.check_identity(path, expected)
     for action in decision.actions:
         if action.kind in ("create", "recreate"):
@@ -447,7 +475,8 @@ def preflight(path, decision, expected=None, planned=None, passphrase=None):
                                     source=action.args.get("source"),
                                     source_format=action.args.get("source_format"),
                                     allow_backing=bool(action.args.get("source_backing_chain")),
-                                    planned=planned, passphrase=passphrase)
+                                    planned=planned, passphrase=passphrase,
+                                    source_passphrase=source_passphrase)
             # The size a source or backing file gives, and the defaults, are known only now:
             # the diff's `after` shows the image the creation will make (check mode too).
             from .reconcile import created_fields
@@ -581,7 +610,7 @@ def _in_use(lock, path):
         return False
 
 
-def apply(path, decision, mode=0o644, expected=None, passphrase=None):
+def apply(path, decision, mode=0o644, expected=None, passphrase=None, source_passphrase=None):
     """Carry out a reconciler decision's actions in order; returns per-action results.
 
     `expected` is the identity (st_dev, st_ino) observe() recorded for `path`: every write
@@ -593,14 +622,15 @@ def apply(path, decision, mode=0o644, expected=None, passphrase=None):
     Qcow2Error carries modified=True and `done`: the texts of what was completed.
 
     `passphrase` (bytes): the key of the encrypted image the decision declares: a new one is
-    made with it, an existing one is changed only when it opens a key slot."""
+    made with it, an existing one is changed only when it opens a key slot.
+    `source_passphrase` (bytes): the key of an encrypted source a creation copies."""
     results = []
     done = []
     ident = expected
     for action in decision.actions:
         try:
             with nodes.expect(path, ident):
-                results.append(_apply_one(path, action, mode, passphrase))
+                results.append(_apply_one(path, action, mode, passphrase, source_passphrase))
         except Qcow2Error as exc:
             exc.done = done + list(getattr(exc, "done", []))
             exc.modified = bool(done) or bool(getattr(exc, "modified", False))
@@ -612,14 +642,15 @@ def apply(path, decision, mode=0o644, expected=None, passphrase=None):
     return results
 
 
-def _apply_one(path, action, mode, passphrase=None):
+def _apply_one(path, action, mode, passphrase=None, source_passphrase=None):
     key = passphrase
     if action.kind in ("create", "recreate"):
         if action.args.get("source"):
             return create_from(path, action.args["values"], action.args["source"],
                                action.args["source_format"],
                                replace=action.kind == "recreate", mode=mode,
-                               allow_backing=bool(action.args.get("source_backing_chain")))
+                               allow_backing=bool(action.args.get("source_backing_chain")),
+                               passphrase=key, source_passphrase=source_passphrase)
         return create(path, action.args["values"], replace=action.kind == "recreate", mode=mode,
                       passphrase=key)
     if action.kind == "remove":

@@ -26,6 +26,15 @@ the others are left unallocated and read zeros (a copy has no backing file), as 
 them in every preallocation mode. The metadata of `off` copies is written without its all-zero
 blocks too.
 
+An encrypted copy (LUKS, `opts.encryption`) has its LUKS header region in its own clusters and
+its data clusters encrypted with the master key, each 512-byte sector with the IV of its host
+offset (as QEMU's qcow2 driver does for LUKS). A hole or an unwritten block inside an allocated
+cluster would decrypt to garbage, so zeros are skipped only by whole clusters (by whole
+subclusters with extended L2): a cluster holding any data is encrypted and written whole, zeros
+included; the others stay unallocated (`off`) or keep the zero flag the planner gives every
+preallocated cluster of an encrypted image (and with extended L2 only the subclusters written
+are marked allocated, the others zero).
+
 Into a preallocated layout the data goes out in 2 MiB pieces on a few threads, each piece's
 writeback started at once, and a raw source is read into a few reused buffers (see
 `_ParallelWrites` and `_RawReader`).
@@ -39,7 +48,7 @@ from ..create import writer
 from ..create import zeroscan
 from ..create.allocator import div_round_up
 from ..format.errors import Qcow2Error
-from ..format.header import encode_cluster0, standard_extensions
+from ..format.header import Extension, encode_cluster0, standard_extensions
 from ..create.planner import _base_header, l1_entries, plan_create
 from ..format.tables import padded, progression, refcount_runs
 
@@ -66,13 +75,16 @@ def data_bytes(source):
     return sum(n for _off, n, is_data in source.extents() if is_data)
 
 
-def plan_for_source(opts):
-    """The preallocated plan a copy is written into (None for off)."""
+def plan_for_source(opts, luks_header=None):
+    """The preallocated plan a copy is written into (None for off). An encrypted copy's plan
+    holds `luks_header` (a placeholder of its size when None: for judging the space)."""
     if opts.effective_preallocation == "off":
         return None
+    if opts.encryption is not None and luks_header is None:
+        luks_header = bytes(opts.encryption.region_size())
     # Extended L2: every subcluster starts unallocated (reads zeros, as qemu-img's copies
     # have it); the subclusters that receive data are marked allocated as they are written.
-    return plan_create(opts)
+    return plan_create(opts, luks_header=luks_header)
 
 
 def check_space(path, opts, source):
@@ -82,6 +94,8 @@ def check_space(path, opts, source):
         need = plan.allocated_bytes
     else:
         need = data_bytes(source) + (plan.file_size - plan.data_length if plan else 0)
+        if plan is None and opts.encryption is not None:
+            need += opts.encryption.region_size()
     directory = os.path.dirname(os.path.abspath(path))
     from ..create import fileops
     try:
@@ -95,19 +109,56 @@ def check_space(path, opts, source):
                          option="source")
 
 
-def create_from_source(path, opts, source, replace=False, mode=0o644):
-    """Create the image at `path` from CreateOptions and an open source; returns a dict."""
+class _Encrypting(object):
+    """What an encrypted copy writes with: the LUKS header region and the sector cipher of its
+    master key (luks1.build's pair), and the unit zeros are skipped by (a cluster, or a
+    subcluster with extended L2: what an L2 entry says reads zeros). A SectorCipher keeps
+    OpenSSL contexts that one thread at a time may use: each writing thread gets its own."""
+
+    def __init__(self, opts, luks):
+        import threading
+        spec = opts.encryption
+        self.region, master_key = luks
+        self.args = (spec.cipher_alg, spec.cipher_mode, spec.ivgen_alg, spec.ivgen_hash_alg,
+                     master_key)
+        self.local = threading.local()
+        self.unit = opts.cluster_size // 32 if opts.extended_l2 else opts.cluster_size
+
+    def padded(self, data):
+        """`data` (starting on a unit boundary) with zeros up to a unit boundary: the source's
+        last cluster is encrypted whole."""
+        short = -len(data) % self.unit
+        return bytes(data) + bytes(short) if short else data
+
+    def encrypt(self, data, host):
+        """The bytes to write at host offset `host` (sector aligned) for plain `data`."""
+        cipher = getattr(self.local, "cipher", None)
+        if cipher is None:
+            from ..crypto.sectors import SectorCipher
+            cipher = self.local.cipher = SectorCipher(*self.args)
+        return cipher.encrypt(host // 512, bytes(data))
+
+
+def create_from_source(path, opts, source, replace=False, mode=0o644, luks=None):
+    """Create the image at `path` from CreateOptions and an open source; returns a dict.
+    An encrypted image (`opts.encryption`) needs `luks`: (LUKS header region, master key)."""
     check_source_fits(opts, source)
+    crypt = None
+    if opts.encryption is not None:
+        if luks is None:
+            raise Qcow2Error("encrypt_passphrase: an encrypted copy is made only with a "
+                             "passphrase", option="encrypt_passphrase")
+        crypt = _Encrypting(opts, luks)
     if writer.is_block_device_path(path):
         raise Qcow2Error("%s: copying a source onto a block device is not supported" % path,
                          path=path)
     check_space(path, opts, source)
     stats = {"copied_bytes": 0, "zero_bytes_skipped": 0}
-    plan = plan_for_source(opts)
+    plan = plan_for_source(opts, crypt.region if crypt else None)
     if plan is None:
         def apply(fd):
             result = writer.WriteResult()
-            _write_sparse(fd, opts, source, stats)
+            _write_sparse(fd, opts, source, stats, crypt)
             result.method = "copy"
             result.detail = "copy of the data clusters (zero ranges left unallocated)"
             result.bytes_written = stats["copied_bytes"]
@@ -116,7 +167,7 @@ def create_from_source(path, opts, source, replace=False, mode=0o644):
         file_size = os.path.getsize(path)
     else:
         def content(fd, plan_, result):
-            _copy_into_plan(fd, plan_, source, stats, result)
+            _copy_into_plan(fd, plan_, source, stats, result, crypt)
         result = writer.create_file(path, plan, replace=replace, mode=mode, content=content)
         file_size = plan.file_size
     out = result.as_dict()
@@ -124,6 +175,8 @@ def create_from_source(path, opts, source, replace=False, mode=0o644):
     out.update({"path": path, "file_size": file_size, "preallocation": opts.effective_preallocation,
                 "virtual_size": opts.size, "cluster_size": opts.cluster_size,
                 "source": source.describe()})
+    if crypt is not None:
+        out["encrypted"] = True
     return out
 
 
@@ -167,19 +220,23 @@ def _source_chunks(source, align, reader=None):
             pos += n
 
 
-def _copy_into_plan(fd, plan, source, stats, result):
+def _copy_into_plan(fd, plan, source, stats, result, crypt=None):
     """Write the source's data into a preallocated layout (data cluster g at data_offset +
     g * cluster_size); zero ranges per mode; with extended L2 the subclusters holding data
-    are marked allocated in the L2 tables (written before, every bitmap 0)."""
+    are marked allocated in the L2 tables (written before, every bitmap 0). Encrypted
+    (`crypt`): whole clusters (subclusters) encrypted, and their L2 entries lose the zero
+    flag (their zero bits)."""
     opts = plan.options
     cs = plan.cluster_size
-    step = zeroscan.grain(cs, opts.extended_l2)
+    step = crypt.unit if crypt else zeroscan.grain(cs, opts.extended_l2)
     base = plan.data_offset
     full = plan.mode == "full"
-    if full and not opts.extended_l2 and _copy_raw_in_kernel(fd, plan, source, stats, result):
+    if full and not opts.extended_l2 and not crypt and \
+            _copy_raw_in_kernel(fd, plan, source, stats, result):
         return
-    bitmaps = _BitmapPatcher(fd, plan) if opts.extended_l2 else None
-    writes = _ParallelWrites(fd)
+    bitmaps = _BitmapPatcher(fd, plan) if opts.extended_l2 or crypt else None
+    writes = _ParallelWrites(fd, crypt)
+    data_end = source.size
     raw_fd = getattr(source, "raw_fd", None)
     reader = _RawReader(source, raw_fd, writes) if raw_fd is not None else None
     try:
@@ -189,25 +246,57 @@ def _copy_into_plan(fd, plan, source, stats, result):
                     writes.drain()
                     writer.write_zeros(fd, base + off, length, result)
                 continue
-            runs = [(0, length)] if full else zeroscan.nonzero_runs(data, step)
+            if crypt:
+                data = crypt.padded(data)
+                data_end = max(data_end, off + len(data))
+            runs = [(0, length)] if full and not crypt else zeroscan.nonzero_runs(data, step)
             view = memoryview(data)
             for s, e in runs:
                 writes.write(view[s:e], base + off + s)
+            if full and crypt:
+                # Plain zeros in the clusters left zero-flagged, as a full image has them.
+                writes.drain()
+                for s, e in _gaps(runs, len(data)):
+                    writer.write_zeros(fd, base + off + s, e - s, result)
             n = sum(e - s for s, e in runs)
             stats["copied_bytes"] += n
             result.bytes_written += n
             if bitmaps is not None:
-                bitmaps.add(zeroscan.subcluster_bits(
-                    zeroscan.nonzero_runs(data, step) if full else runs, off, cs))
+                bitmaps.add(_written_entries(
+                    zeroscan.nonzero_runs(data, step) if full and not crypt else runs, off,
+                    cs, opts.extended_l2))
         writes.drain()
     finally:
         writes.close()
     if bitmaps is not None:
         bitmaps.flush()
-    if full and source.size < plan.data_length:
-        writer.write_zeros(fd, base + source.size, plan.data_length - source.size, result)
+    if full and data_end < plan.data_length:
+        writer.write_zeros(fd, base + data_end, plan.data_length - data_end, result)
     _copy_method(plan, result)
     stats["zero_bytes_skipped"] = max(0, plan.options.size - stats["copied_bytes"])
+
+
+def _gaps(runs, length):
+    """The ranges of [0, length) between `runs` (sorted, disjoint)."""
+    pos = 0
+    for s, e in runs:
+        if s > pos:
+            yield pos, s
+        pos = e
+    if pos < length:
+        yield pos, length
+
+
+def _written_entries(runs, base, cs, extended_l2):
+    """{cluster index: allocation bitmap} of the L2 entries that `runs` (relative to guest
+    offset `base`) write: the subclusters touched with extended L2, else 1 per cluster."""
+    if extended_l2:
+        return zeroscan.subcluster_bits(runs, base, cs)
+    out = {}
+    for s, e in runs:
+        for c in range((base + s) // cs, div_round_up(base + e, cs)):
+            out[c] = 1
+    return out
 
 
 class _ParallelWrites(object):
@@ -218,12 +307,14 @@ class _ParallelWrites(object):
     allocation, which on a virtual machine whose free memory was handed back to the host
     costs a fault on the host per page, and the copy); qemu-img convert spreads its 2 MiB
     writes over a thread pool, so one thread here was measured 2-10x slower in that part
-    on a loaded 2-core machine. At most `4 * threads` pieces are in flight."""
+    on a loaded 2-core machine. At most `4 * threads` pieces are in flight. With `crypt` (see
+    _Encrypting) each piece is encrypted in its thread before it is written."""
 
-    def __init__(self, fd):
+    def __init__(self, fd, crypt=None):
         import collections
         import concurrent.futures
         self.fd = fd
+        self.crypt = crypt
         threads = max(2, min(4, os.cpu_count() or 2))
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=threads)
         self.pending = collections.deque()
@@ -232,6 +323,8 @@ class _ParallelWrites(object):
         self.owned = {}               # buffer: its pieces' futures
 
     def _one(self, piece, offset):
+        if self.crypt is not None:
+            piece = self.crypt.encrypt(piece, offset)
         writer.write_all(self.fd, piece, offset)
         # Start writing it to disk now (the disk works while the next pieces come).
         writer.start_writeback(self.fd, offset, len(piece))
@@ -305,17 +398,29 @@ class _RawReader(object):
 class _BitmapPatcher(object):
     """Sets the allocation bitmaps of a preallocated layout's extended L2 entries after the
     data is written: entries are rewritten a 4 KiB page at a time (host offsets are computed:
-    data cluster g at data_offset + g * cluster_size), so no page is read back from disk."""
+    data cluster g at data_offset + g * cluster_size), so no page is read back from disk.
 
-    PAGE_ENTRIES = 4096 // 16
-    MAX_SPAN = 1 << 16                # entries rewritten at most in one write (1 MiB)
+    In a zero-flagged layout (an encrypted image) the entries written lose the zero flag
+    (standard L2) or the zero bits of their allocated subclusters (extended L2); the others
+    are rewritten as the planner made them."""
+
+    MAX_SPAN = 1 << 16                # entries rewritten at most in one write (1 MiB at most)
 
     def __init__(self, fd, plan):
         self.fd = fd
         self.cs = plan.cluster_size
+        self.extended = plan.options.extended_l2
+        self.esz = C.l2_entry_size(self.extended)
+        self.PAGE_ENTRIES = 4096 // self.esz
         self.count = div_round_up(plan.options.size, self.cs)
         self.l2_at = [r.offset for r in plan.regions if r.name == "L2 tables"][0]
+        self.zero = plan.zero_flag
         self.first = plan.data_offset | C.OFLAG_COPIED
+        self.tail = 0
+        if self.zero and self.extended:
+            self.tail = 0xFFFFFFFF00000000
+        elif self.zero:
+            self.first |= C.OFLAG_ZERO
         self.pending = {}
         self.lo = self.hi = None
 
@@ -337,10 +442,18 @@ class _BitmapPatcher(object):
         per = self.PAGE_ENTRIES
         a = self.lo - self.lo % per
         b = min(self.count, div_round_up(self.hi, per) * per)
-        buf = bytearray(b"".join(progression(self.first + a * self.cs, self.cs, b - a, 16)))
+        esz = self.esz
+        buf = bytearray(b"".join(progression(self.first + a * self.cs, self.cs, b - a, esz,
+                                             self.tail)))
         for c, bm in self.pending.items():
-            struct.pack_into(">Q", buf, (c - a) * 16 + 8, bm)
-        writer.write_all(self.fd, buf, self.l2_at + a * 16)
+            if not self.extended:
+                struct.pack_into(">Q", buf, (c - a) * esz, (self.first & ~C.OFLAG_ZERO) +
+                                 c * self.cs)
+                continue
+            if self.zero:
+                bm |= (~bm & 0xFFFFFFFF) << 32
+            struct.pack_into(">Q", buf, (c - a) * esz + 8, bm)
+        writer.write_all(self.fd, buf, self.l2_at + a * esz)
         self.pending = {}
         self.lo = self.hi = None
 
@@ -398,32 +511,23 @@ def _copy_method(plan, result, how="copy of the data"):
             result.detail += " (fallocate not supported by the filesystem)"
 
 
-def _write_sparse(fd, opts, source, stats):
-    """preallocation=off: allocate host clusters only for guest clusters that hold data."""
+def _write_sparse(fd, opts, source, stats, crypt=None):
+    """preallocation=off: allocate host clusters only for guest clusters that hold data.
+    Encrypted (`crypt`): the LUKS header region follows the header cluster, the L1 table
+    after it, and the data clusters are written encrypted and whole."""
     cs = opts.cluster_size
     esz = C.l2_entry_size(opts.extended_l2)
     per_l2 = cs // esz
     n_l1 = l1_entries(opts.size, cs, opts.extended_l2)
     l1_clusters = div_round_up(n_l1 * 8, cs)
-    state = _SparseLayout(fd, cs, esz, per_l2, 1 + l1_clusters)
-    l1 = [0] * n_l1
-    step = zeroscan.grain(cs, opts.extended_l2)
-    for off, data, _length in _source_chunks(source, cs):
-        if data is None:
-            continue
-        runs = zeroscan.nonzero_runs(data, step)
-        view = memoryview(data)
-        for first, count, pieces in _cluster_groups(runs, off, cs, per_l2):
-            # One L2 table at a time: its data clusters follow it on the host.
-            bits = None
-            if opts.extended_l2:
-                bits = zeroscan.subcluster_bits([(s - off, e - off) for s, e in pieces], off, cs)
-            table_host = state.map_run(first, count, [(s, view[s - off:e - off])
-                                                      for s, e in pieces], bits)
-            if table_host is not None:
-                l1[first // per_l2] = table_host | C.OFLAG_COPIED
-            stats["copied_bytes"] += sum(e - s for s, e in pieces)
-    state.finish()
+    crypto_clusters = div_round_up(len(crypt.region), cs) if crypt else 0
+    l1_at = 1 + crypto_clusters
+    state = _SparseLayout(fd, cs, esz, per_l2, l1_at + l1_clusters, crypt)
+    try:
+        l1 = _map_data(state, opts, source, stats, crypt, n_l1)
+        state.finish()
+    finally:
+        state.close()
     total_data = state.next
     # Refcount blocks and table at the end; every cluster [0, end) has refcount 1.
     rb_entries = cs * 8 >> opts.refcount_order
@@ -445,17 +549,48 @@ def _write_sparse(fd, opts, source, stats):
                                             table * cs))
     if n_l1:
         data = struct.pack(">%dQ" % n_l1, *l1)
-        _write_sparse_bytes(fd, data + bytes(l1_clusters * cs - len(data)), cs)
+        _write_sparse_bytes(fd, data + bytes(l1_clusters * cs - len(data)), l1_at * cs)
     hdr = _base_header(opts)
     hdr.l1_size = n_l1
-    hdr.l1_table_offset = cs if n_l1 else 0
+    hdr.l1_table_offset = l1_at * cs if n_l1 else 0
     hdr.refcount_table_offset = table_at * cs
     hdr.refcount_table_clusters = table
     exts = standard_extensions(opts.version, cs, opts.backing_fmt, opts.data_file)
+    if crypt:
+        _write_sparse_bytes(fd, crypt.region, cs)
+        hdr.crypt_method = C.CRYPT_LUKS
+        exts.insert(0, Extension(C.EXT_CRYPTO, struct.pack(">QQ", cs, len(crypt.region))))
     _write_sparse_bytes(fd, encode_cluster0(hdr, exts, opts.backing_file), 0)
     os.ftruncate(fd, end * cs)
     os.fsync(fd)
     stats["zero_bytes_skipped"] = max(0, opts.size - stats["copied_bytes"])
+
+
+def _map_data(state, opts, source, stats, crypt, n_l1):
+    """Write the source's data clusters through `state` (a _SparseLayout) in guest order;
+    returns the L1 table (a list of n_l1 entries)."""
+    cs = opts.cluster_size
+    per_l2 = state.per_l2
+    l1 = [0] * n_l1
+    step = crypt.unit if crypt else zeroscan.grain(cs, opts.extended_l2)
+    for off, data, _length in _source_chunks(source, cs):
+        if data is None:
+            continue
+        if crypt:
+            data = crypt.padded(data)
+        runs = zeroscan.nonzero_runs(data, step)
+        view = memoryview(data)
+        for first, count, pieces in _cluster_groups(runs, off, cs, per_l2):
+            # One L2 table at a time: its data clusters follow it on the host.
+            bits = None
+            if opts.extended_l2:
+                bits = zeroscan.subcluster_bits([(s - off, e - off) for s, e in pieces], off, cs)
+            table_host = state.map_run(first, count, [(s, view[s - off:e - off])
+                                                      for s, e in pieces], bits)
+            if table_host is not None:
+                l1[first // per_l2] = table_host | C.OFLAG_COPIED
+            stats["copied_bytes"] += sum(e - s for s, e in pieces)
+    return l1
 
 
 def _write_chunks(fd, offset, chunks):
@@ -504,8 +639,11 @@ class _SparseLayout(object):
     """Host clusters handed out in guest order: an L2 table before the first data cluster it
     maps, then runs of data clusters written as they come."""
 
-    def __init__(self, fd, cs, esz, per_l2, first_free):
+    def __init__(self, fd, cs, esz, per_l2, first_free, crypt=None):
         self.fd = fd
+        # Encrypted data goes out through writer threads (encrypted there, while this thread
+        # reads and scans the next chunk).
+        self.writes = _ParallelWrites(fd, crypt) if crypt is not None else None
         self.cs = cs
         self.esz = esz
         self.per_l2 = per_l2
@@ -538,8 +676,12 @@ class _SparseLayout(object):
                 struct.pack_into(">Q", self.table, pos + (c - guest) * self.esz + 8, bm)
         at = host - guest * self.cs
         for goff, data in pieces:
-            writer.write_all(self.fd, data, at + goff)
-        writer.start_writeback(self.fd, host, count * self.cs)
+            if self.writes is not None:
+                self.writes.write(data, at + goff)
+            else:
+                writer.write_all(self.fd, data, at + goff)
+        if self.writes is None:
+            writer.start_writeback(self.fd, host, count * self.cs)
         return started
 
     def _flush_table(self):
@@ -549,6 +691,16 @@ class _SparseLayout(object):
 
     def finish(self):
         self._flush_table()
+        self.close()
+
+    def close(self):
+        """Wait for the data in flight (raising the first failure) and stop the threads."""
+        if self.writes is not None:
+            try:
+                self.writes.drain()
+            finally:
+                self.writes.close()
+                self.writes = None
 
 
 __all__ = ["create_from_source", "check_source_fits", "check_space", "data_bytes"]

@@ -9,14 +9,21 @@ could name any host file) before the backing file is opened or looked up, unless
 passes `allow_backing=True` (the module's `source_backing_chain`).
 
 `open_source(path, fmt)` opens every file read-only, refuses what cannot be copied faithfully
-before any guest byte is read (encryption, the corrupt or dirty bit, a failed consistency
-check, a running QEMU writing the file, a backing file without a recorded format, a loop), and
+before any guest byte is read (encryption without the passphrase that opens it, the corrupt
+or dirty bit, a failed consistency check, a running QEMU writing the file, a backing file
+without a recorded format, a loop), and
 returns a `Source`: the guest's size, its extents (data or surely zeros, from the tables and
 SEEK_DATA/SEEK_HOLE, without reading data) and its bytes.
 
 While a Source is open it holds the shared locks a reading QEMU holds (consistent read taken,
 write and resize not shared), so a QEMU that would start writing a file of the chain is refused
 until the Source is closed, as while `qemu-img convert` reads it. It never takes a writer lock.
+
+A LUKS-encrypted qcow2 source opens with `passphrase` (its key slot gives the master key); its
+data clusters are decrypted as they are read (each 512-byte sector with the IV of its host
+offset, as QEMU writes them). A hole of its file inside an allocated cluster is not taken for
+zeros (it decrypts to garbage, which is what the guest reads). Only the top image of a chain
+is opened with the passphrase; an encrypted backing file is refused.
 """
 
 import collections
@@ -185,7 +192,7 @@ class _Qcow2Layer(object):
 
     fmt = "qcow2"
 
-    def __init__(self, path, what=""):
+    def __init__(self, path, what="", passphrase=None):
         _stat_file(path, what)
         try:
             img = Image.open(path, follow=True)
@@ -193,8 +200,9 @@ class _Qcow2Layer(object):
             raise _refuse("%s%s: %s" % (path, what, exc.message), path=path)
         self.img = img
         self.path = path
+        self.cipher = None              # the sector cipher of an encrypted image
         try:
-            self._validate(what)
+            self._validate(what, passphrase)
         except BaseException:
             img.close()
             raise
@@ -208,17 +216,23 @@ class _Qcow2Layer(object):
         self._l2_runs = 0
         self._holes = None
 
-    def _validate(self, what):
+    def _validate(self, what, passphrase=None):
         img, path = self.img, self.path
         st = os.fstat(img.fd)
         self.key = (st.st_dev, st.st_ino)
         self.is_device = stat.S_ISBLK(st.st_mode)
         _hold_reader_locks(img.fd, path, what)
         hdr = img.header
-        if hdr.crypt_method:
-            raise _refuse("%s%s is encrypted (%s); encrypted sources are not supported"
-                          % (path, what, "LUKS" if hdr.crypt_method == C.CRYPT_LUKS else "AES"),
-                          path=path)
+        if hdr.crypt_method == C.CRYPT_LUKS and not what and passphrase is not None:
+            self.cipher = _unlock(img, path, passphrase)
+        elif hdr.crypt_method == C.CRYPT_LUKS:
+            raise _refuse("%s%s is LUKS encrypted; %s" % (
+                path, what, "an encrypted backing file is not supported" if what else
+                "give its passphrase (source_passphrase or source_passphrase_file) to copy "
+                "it"), path=path)
+        elif hdr.crypt_method:
+            raise _refuse("%s%s is encrypted with qcow's legacy AES method; such sources are "
+                          "not supported" % (path, what), path=path)
         if hdr.incompatible_features & C.INCOMPAT_CORRUPT:
             raise _refuse("%s%s is marked corrupt (QEMU found an inconsistency in its metadata); "
                           "repair it with 'qemu-img check -r all' before copying from it"
@@ -242,6 +256,10 @@ class _Qcow2Layer(object):
             raise _refuse("%s%s fails its consistency check (%d corruptions, %d errors; first: "
                           "%s); repair it with 'qemu-img check -r all' before copying from it"
                           % (path, what, bad[0], bad[1], first[0]), path=path)
+        if self.cipher is not None and result.get("compressed-clusters"):
+            raise _refuse("%s%s is encrypted and holds compressed clusters, which QEMU never "
+                          "writes into an encrypted image; refusing it" % (path, what),
+                          path=path)
         if hdr.compression_type == C.COMPRESSION_ZSTD and _zstd is None and \
                 result.get("compressed-clusters"):
             raise _refuse(_ZSTD_MISSING % (path + what), path=path)
@@ -387,7 +405,7 @@ class _Qcow2Layer(object):
                 pos = b
 
     def _split_holes(self, s, n, host):
-        starts, holes = self._host_holes()
+        starts, holes = self._host_holes() if self.cipher is None else ([], [])
         if not holes:
             yield s, n, K_DATA, host
             return
@@ -409,6 +427,34 @@ class _Qcow2Layer(object):
             pos = stop
         if pos < end:
             yield s + pos - host, end - pos, K_DATA, pos
+
+
+def _unlock(img, path, passphrase):
+    """The SectorCipher of the LUKS image `img` that `passphrase` opens, or the refusal."""
+    from ..crypto import luks1
+    from ..crypto.sectors import SectorCipher
+    from ..format import luks
+    region = img.read(img.crypto_offset, img.crypto_length)
+    try:
+        key = luks1.unlock(region, passphrase)
+        return SectorCipher.from_fields(luks.parse(region[:luks.PHDR_SIZE]), key)
+    except Qcow2Error as exc:
+        message = exc.message.split(": ", 1)[-1] if exc.option == "encrypt_passphrase" else \
+            exc.message
+        raise Qcow2Error("source_passphrase: %s: %s (the source is not read)"
+                         % (path, message.replace("the image", "the source")),
+                         option="source_passphrase", path=path)
+
+
+def _decrypted(layer, n, host):
+    """The n guest bytes of an encrypted layer's data at host offset `host`: the whole sectors
+    around them read and decrypted."""
+    lo = host - host % 512
+    hi = -(-(host + n) // 512) * 512
+    plain = layer.cipher.decrypt(lo // 512, _pread(layer.fd, hi - lo, lo))
+    if lo == host and hi == host + n:
+        return plain
+    return plain[host - lo:host - lo + n]
 
 
 _ZSTD_MISSING = ("%s holds zstd-compressed clusters; zstd-compressed clusters need Python "
@@ -591,6 +637,8 @@ class Source(object):
                 kind, n, layer, arg, s = ops[i]
                 if kind == K_ZERO:
                     parts.append(zeros(n))
+                elif kind == K_DATA and getattr(layer, "cipher", None) is not None:
+                    parts.append(_decrypted(layer, n, arg))
                 elif kind == K_DATA:
                     parts.append(_pread(layer.fd, n, arg))
                 else:
@@ -691,7 +739,7 @@ def _pread(fd, n, offset):
 # open_source
 
 
-def open_source(path, fmt, allow_backing=False):
+def open_source(path, fmt, allow_backing=False, passphrase=None):
     """Open `path` read-only as a source of guest content in format `fmt` ('raw' or 'qcow2').
 
     A qcow2 source with a backing file is refused unless `allow_backing` is true: a template
@@ -699,8 +747,12 @@ def open_source(path, fmt, allow_backing=False):
     bytes the copy would then read. The refusal comes before any backing file is opened or
     looked up. With `allow_backing` the chain is followed and flattened, as qemu-img does.
 
-    Returns a Source. Raises Qcow2Error(option='source' or 'source_format') when it cannot be
-    used; nothing of the guest content has been read then.
+    A LUKS-encrypted qcow2 source opens only with a `passphrase` (bytes) that unlocks it
+    (Qcow2Error with option 'source_passphrase' otherwise); a raw source ignores it.
+
+    Returns a Source. Raises Qcow2Error(option='source', 'source_format' or
+    'source_passphrase') when it cannot be used; nothing of the guest content has been read
+    then.
     """
     if fmt not in FORMATS:
         raise Qcow2Error("source_format: must be raw or qcow2, not %r (the format of a source is "
@@ -711,7 +763,7 @@ def open_source(path, fmt, allow_backing=False):
         return Source(path, fmt, [_RawLayer(path)])
     layers = []
     try:
-        _open_chain(path, layers, allow_backing)
+        _open_chain(path, layers, allow_backing, passphrase)
     except BaseException:
         for layer in layers:
             layer.close()
@@ -719,16 +771,20 @@ def open_source(path, fmt, allow_backing=False):
     return Source(path, fmt, layers)
 
 
-def _open_chain(path, layers, allow_backing=False):
+def _open_chain(path, layers, allow_backing=False, passphrase=None):
     """Open `path` and its backing files into `layers`, top first (the top only, and a
-    refusal when it has a backing file, unless `allow_backing`)."""
+    refusal when it has a backing file, unless `allow_backing`); `passphrase` opens the top
+    image when it is encrypted."""
     cur, fmt, what = path, "qcow2", ""
     seen = {}
     while True:
         if len(layers) >= MAX_CHAIN:
             raise _refuse("the backing chain of %s is longer than %d images; refusing it"
                           % (path, MAX_CHAIN), path=path)
-        layer = (_Qcow2Layer if fmt == "qcow2" else _RawLayer)(cur, what)
+        if fmt == "qcow2":
+            layer = _Qcow2Layer(cur, what, passphrase if not layers else None)
+        else:
+            layer = _RawLayer(cur, what)
         layers.append(layer)
         if layer.key in seen:
             raise _refuse("the backing chain of %s loops: %s%s is %s again"

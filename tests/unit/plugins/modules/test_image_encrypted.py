@@ -1,9 +1,10 @@
 # Copyright (c) 2026 vdisk.qcow2 developers
 # GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
 # SPDX-License-Identifier: GPL-3.0-or-later
-"""vdisk.qcow2.image with encrypt_*: LUKS images made, re-checked, grown and refused, every
-case run in check mode first and then for real, the prediction matching what the real run
-does (changed, actions, failure); the passphrase never in a result."""
+"""vdisk.qcow2.image with encrypt_*: LUKS images made (empty or as copies, from plain or
+encrypted sources), re-checked, grown and refused, every case run in check mode first and
+then for real, the prediction matching what the real run does (changed, actions, failure);
+no passphrase ever in a result."""
 
 from __future__ import absolute_import, division, print_function
 __metaclass__ = type
@@ -184,14 +185,97 @@ def test_refusals_named_before_anything_is_made(tmp_path, capsys, extra, word):
     assert os.listdir(str(tmp_path)) == []
 
 
-def test_copy_into_an_encrypted_image_is_refused(tmp_path, capsys):
+SOURCE_SECRET = "the template's own passphrase"
+
+
+def _guest_bytes(path, secret=None):
+    """The guest content of the image at `path`, read by the engine (decrypted with
+    `secret`)."""
+    from ansible_collections.vdisk.qcow2.plugins.module_utils.qcow2 import api
+    key = secret.encode("utf-8") if secret is not None else None
+    with api.open_source(path, "qcow2", passphrase=key) as src:
+        return src.read(0, src.size)
+
+
+def _template(tmp_path):
+    """A raw template: data, a zero run, a partly zero cluster."""
+    data = bytearray(3 << 20)
+    data[:100000] = os.urandom(100000)
+    data[(2 << 20) + 7] = 1
     source = tmp_path / "t.raw"
-    source.write_bytes(b"\x5a" * 4096)
+    source.write_bytes(bytes(data))
+    return str(source), bytes(data)
+
+
+@pytest.mark.parametrize("mode", ["off", "falloc"])
+def test_copy_into_an_encrypted_image(tmp_path, capsys, mode):
+    source, data = _template(tmp_path)
     path = str(tmp_path / "c.qcow2")
-    _predicted, done = _both(capsys, path=path, source=str(source), source_format="raw",
-                             **FAST)
-    assert done["failed"] and "not made as a copy of a source" in done["msg"]
+    _predicted, done = _both(capsys, path=path, source=source, source_format="raw",
+                             preallocation=mode, **FAST)
+    assert done["changed"] is True and done["image"]["encrypted"] is True
+    assert _guest_bytes(path, SECRET) == data
+    _predicted, again = _both(capsys, path=path, source=source, source_format="raw",
+                              preallocation=mode, **FAST)
+    assert again["changed"] is False
+
+
+def _encrypted_template(tmp_path, capsys):
+    source, data = _template(tmp_path)
+    template = str(tmp_path / "template.qcow2")
+    done = module_runs.run(image_module, capsys, path=template, source=source,
+                           source_format="raw", encrypt_format="luks",
+                           encrypt_passphrase=SOURCE_SECRET, encrypt_iter_time=10)
+    assert done["changed"] is True, done
+    return template, data
+
+
+def _both_secret(capsys, **args):
+    """_both, the source's passphrase never in a result either."""
+    results = _both(capsys, **args)
+    for result in results:
+        assert SOURCE_SECRET not in json.dumps(result)
+    return results
+
+
+@pytest.mark.parametrize("encrypted_target", [False, True])
+def test_copy_from_an_encrypted_source(tmp_path, capsys, encrypted_target):
+    template, data = _encrypted_template(tmp_path, capsys)
+    path = str(tmp_path / "c.qcow2")
+    extra = FAST if encrypted_target else {}
+    _predicted, done = _both_secret(capsys, path=path, source=template, source_format="qcow2",
+                                    source_passphrase=SOURCE_SECRET, **extra)
+    assert done["changed"] is True and done["image"]["encrypted"] is encrypted_target
+    assert _guest_bytes(path, SECRET if encrypted_target else None) == data
+
+
+def test_source_passphrase_file(tmp_path, capsys):
+    template, data = _encrypted_template(tmp_path, capsys)
+    secret_file = tmp_path / "template.key"
+    secret_file.write_bytes(SOURCE_SECRET.encode("utf-8"))
+    path = str(tmp_path / "c.qcow2")
+    _predicted, done = _both_secret(capsys, path=path, source=template, source_format="qcow2",
+                                    source_passphrase_file=str(secret_file))
+    assert done["changed"] is True and _guest_bytes(path) == data
+
+
+@pytest.mark.parametrize("given", [None, "not the passphrase"])
+def test_encrypted_source_refused_without_its_passphrase(tmp_path, capsys, given):
+    template, _data = _encrypted_template(tmp_path, capsys)
+    path = str(tmp_path / "c.qcow2")
+    extra = {"source_passphrase": given} if given else {}
+    _predicted, done = _both_secret(capsys, path=path, source=template, source_format="qcow2",
+                                    **extra)
+    assert done["failed"] and "source_passphrase" in done["msg"]
+    assert given is None or given not in json.dumps(done)
     assert not os.path.exists(path)
+
+
+def test_source_passphrase_needs_a_source(tmp_path, capsys):
+    result = module_runs.run(image_module, capsys, path=str(tmp_path / "n.qcow2"), size="8M",
+                             source_passphrase=SOURCE_SECRET)
+    assert result["failed"] and "source" in result["msg"]
+    assert SOURCE_SECRET not in json.dumps(result)
 
 
 def test_cipher_options_need_the_format(tmp_path, capsys):
