@@ -230,7 +230,9 @@ options:
       - With O(source) the copy is encrypted as it is written. Every cluster holding data is
         encrypted whole (its zeros too), the clusters that read zeros stay unallocated or
         carry the zero flag, in every preallocation mode.
-      - An external O(data_file) is not combined with encryption yet.
+      - With an external O(data_file) the data file holds the ciphertext (as QEMU makes it);
+        O(data_file_raw) is refused with encryption, since that data file is never a raw image
+        of the guest's disk.
       - The passphrase is checked against the image's key slots when the run changes the image
         in place (a wrong one fails before anything is written, in check mode too). A run that
         changes nothing does not derive the key slot (which costs O(encrypt_iter_time)).

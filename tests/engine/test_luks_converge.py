@@ -154,3 +154,44 @@ def test_made_in_every_mode_reads_zeros(tmp_path, options):
         assert _guest(path, tmp_path) == bytes(SIZE)
         _checked(path)
         assert api.observe(path)["preallocation"] == mode
+
+
+@pytest.mark.parametrize("encrypted", [False, True])
+@pytest.mark.parametrize("mode", ["off", "metadata", "falloc", "full"])
+def test_external_data_file_made_grown_and_converged(tmp_path, mode, encrypted):
+    """An image with an external data file (encrypted too, as QEMU allows): QEMU reads zeros
+    and back what it wrote, a grow keeps that, and the declaration converges (a second
+    decision has nothing to do)."""
+    from qcow2 import reconcile
+    path = str(tmp_path / "df.qcow2")
+    values = {"size": SIZE, "preallocation": mode, "data_file": path + ".data"}
+    key = KEY if encrypted else None
+    api.create(path, values, passphrase=key, iterations=(1000, 1000) if key else None)
+    opts = _image_opts(path) if encrypted else [path]
+
+    def io(*commands):
+        args = [oracle.QEMU_IO] + opts
+        for command in commands:
+            args += ["-c", command]
+        proc = oracle.run(*args)
+        assert proc.returncode == 0 and "verification failed" not in proc.stdout, \
+            proc.stdout + proc.stderr
+    io("read -P 0 0 %d" % SIZE, "write -P 0x5a 1M 64k")
+    api.grow(path, GROWN, mode, passphrase=key)
+    io("read -P 0x5a 1M 64k", "read -P 0 0 1M", "read -P 0 %d %d" % (SIZE, GROWN - SIZE))
+    proc = oracle.run(*([oracle.QEMU_IMG, "check"] + opts))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    declared = dict(values, size=GROWN)
+    if encrypted:
+        declared["encrypt_format"] = "luks"
+    decision = reconcile.decide(declared, api.observe(path))
+    assert not decision.actions and not decision.conflicts, (decision.actions,
+                                                             decision.conflicts)
+
+
+def test_data_file_raw_is_refused_with_encryption(tmp_path):
+    path = str(tmp_path / "r.qcow2")
+    with pytest.raises(Qcow2Error) as err:
+        api.create(path, {"size": SIZE, "data_file": path + ".data", "data_file_raw": True},
+                   passphrase=KEY, iterations=(1000, 1000))
+    assert err.value.option == "data_file_raw" and not os.path.exists(path)

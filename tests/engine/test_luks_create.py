@@ -79,7 +79,8 @@ def test_qemu_reads_zeros_and_back_what_it_wrote(tmp_path, mode, cluster_size):
 
 @pytest.mark.parametrize("values,option,word", [
     ({"compat": "0.10", "preallocation": "falloc"}, "preallocation", "no zero flag"),
-    ({"data_file": "/tmp/x.data"}, "data_file", "an encrypted image keeps its data"),
+    ({"data_file": "/tmp/x.data", "data_file_raw": True}, "data_file_raw",
+     "never a raw image"),
     ({"encrypt_cipher_alg": "twofish-256"}, "encrypt_cipher_alg", "AES only"),
     ({"encrypt_cipher_alg": "aes-192", "encrypt_cipher_mode": "cbc"}, "encrypt_cipher_alg",
      "only with encrypt_cipher_mode xts")])

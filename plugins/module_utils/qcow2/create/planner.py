@@ -141,10 +141,10 @@ def plan_create(opts, zero_flag=False, data_bitmap=None, luks_header=None):
     if opts.data_file:
         plan.data_file_size = opts.size
     if luks_header is not None:
-        if opts.data_file or (opts.version == 2 and mode != "off"):
-            raise Qcow2Error("encrypt_format: a LUKS image is planned with its data in its own "
-                             "file and, in compat 0.10, without preallocation (see "
-                             "format/options)", option="encrypt_format")
+        if opts.data_file_raw or (opts.version == 2 and mode != "off"):
+            raise Qcow2Error("encrypt_format: a LUKS image is planned without data_file_raw "
+                             "and, in compat 0.10, without preallocation (see format/options)",
+                             option="encrypt_format")
         plan.zero_flag = True
         _plan_prealloc(plan, opts, luks_header)
     elif mode == "off":

@@ -327,10 +327,10 @@ class CreateOptions(object):
             raise Qcow2Error("data_file: external data files require compat 1.1 (v3)",
                              option="data_file")
         if self.encryption is not None:
-            if self.data_file:
-                raise Qcow2Error("data_file: an encrypted image keeps its data in its own file "
-                                 "here (an external data file is not encrypted with it)",
-                                 option="data_file")
+            if self.data_file_raw:
+                raise Qcow2Error("data_file_raw: the data file of an encrypted image holds its "
+                                 "ciphertext, which is never a raw image of the guest's disk",
+                                 option="data_file_raw")
             if v2 and self.preallocation != "off":
                 raise Qcow2Error(
                     "preallocation: an encrypted compat 0.10 image is made with preallocation "

@@ -12,8 +12,8 @@ import struct
 from ..format import constants as C
 from ..format.errors import Qcow2Error
 from .image import Opened, guard, st_blocks_bytes
-from ..format.l2runs import (COMPRESSED, L2_BITMAP_ALL_ALLOC, NORMAL, UNALLOCATED, ZERO_ALLOC, ceil_div,
-                             decode_refblock, zeros)
+from ..format.l2runs import (COMPRESSED, L2_BITMAP_ALL_ALLOC, NORMAL, UNALLOCATED, ZERO_ALLOC,
+                             ZERO_PLAIN, ceil_div, decode_refblock, zeros)
 from .mapping import guest_runs, seek_segments
 
 try:
@@ -139,6 +139,12 @@ def allocation_state(path, image=None, scan_limit=DEFAULT_SCAN_LIMIT):
             if ctype == COMPRESSED:
                 mapped += n
                 compressed = True
+                continue
+            if ctype == ZERO_PLAIN and idx == 0 and img.has_data_file:
+                # An external data file maps every guest cluster at its own offset: guest
+                # cluster 0 flagged zero at host offset 0 is mapped (as an encrypted image's
+                # preallocated entries are), though its entry cannot say so.
+                mapped += 1
                 continue
             if ctype not in (NORMAL, ZERO_ALLOC):
                 continue

@@ -173,7 +173,8 @@ def test_passphrase_file_attacks_refused(tmp_path, capsys):
     ({"encrypt_ivgen_alg": "essiv", "encrypt_ivgen_hash_alg": "sha512"}, "digest is an AES"),
     ({"compat": "0.10", "preallocation": "metadata"}, "compat 0.10 image is made with "
                                                       "preallocation off only"),
-    ({"data_file": "/tmp/never-made.raw"}, "data_file: an encrypted image"),
+    ({"data_file": "/tmp/never-made.raw", "data_file_raw": True},
+     "data_file_raw: the data file of an encrypted image holds its ciphertext"),
 ])
 def test_refusals_named_before_anything_is_made(tmp_path, capsys, extra, word):
     path = str(tmp_path / "r.qcow2")
