@@ -78,7 +78,6 @@ def test_qemu_reads_zeros_and_back_what_it_wrote(tmp_path, mode, cluster_size):
 
 
 @pytest.mark.parametrize("values,option,word", [
-    ({"compat": "0.10", "preallocation": "falloc"}, "preallocation", "no zero flag"),
     ({"data_file": "/tmp/x.data", "data_file_raw": True}, "data_file_raw",
      "never a raw image"),
     ({"encrypt_cipher_alg": "twofish-256"}, "encrypt_cipher_alg", "AES only"),

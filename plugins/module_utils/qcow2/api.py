@@ -239,10 +239,9 @@ def create(path, values, replace=False, mode=0o644, check_backing=True, passphra
         if _in_use(lock, path):
             raise Qcow2Error("%s: the image is in use by a running QEMU; it is not replaced"
                              % path, path=path)
-    luks_header = None
-    if opts.encryption is not None:
-        luks_header = _luks_region(opts.encryption, passphrase, iterations)
-    plan = plan_create(opts, zero_flag=device, luks_header=luks_header)
+    luks = _luks_keys(opts.encryption, passphrase, iterations) if opts.encryption else None
+    plan = plan_create(opts, zero_flag=device, luks_header=luks[0] if luks else None)
+    content = _encrypted_zeros(opts.encryption, luks[1]) if plan.encrypted_zeros else None
     if device:
         if not replace:
             raise Qcow2Error("%s: is a block device that may hold data; writing an image onto "
@@ -250,23 +249,45 @@ def create(path, values, replace=False, mode=0o644, check_backing=True, passphra
         result = writer.write_device(path, plan)
     else:
         data_path = resolve_relative(path, opts.data_file) if opts.data_file else None
+        if content is not None:
+            writer.check_space(os.path.dirname(os.path.abspath(path)), plan)
         result = writer.create_file(path, plan, replace=replace, mode=mode,
-                                    data_file_path=data_path)
+                                    data_file_path=data_path, content=content)
     out = result.as_dict()
     out.update({"path": path, "file_size": plan.file_size, "preallocation": plan.mode,
                 "virtual_size": opts.size, "cluster_size": opts.cluster_size})
     return out
 
 
-def _luks_region(spec, passphrase, iterations=None):
-    """The LUKS header region of a new image: a random master key in key slot 0 under
-    `passphrase`, the rounds calibrated to spec.iter_time unless `iterations` are given."""
-    return _luks_keys(spec, passphrase, iterations)[0]
+def _encrypted_zeros(spec, master_key):
+    """The writer's `content` for an encrypted image without zero flags (compat 0.10): every
+    preallocated data cluster gets zeros encrypted with the image's key (the IV of a sector is
+    its host offset, as QEMU's LUKS qcow2 uses), so the guest reads zeros from it."""
+    def write(fd, plan, result):
+        from .create import writer
+        from .crypto.sectors import RUN, SectorCipher
+        cipher = SectorCipher(spec.cipher_alg, spec.cipher_mode, spec.ivgen_alg,
+                              spec.ivgen_hash_alg, master_key)
+        step = RUN * 512
+        zero = bytes(step)
+        offset, end = plan.data_offset, plan.data_offset + plan.data_length
+        while offset < end:
+            n = min(step, end - offset)
+            writer.write_all(fd, cipher.encrypt(offset // 512, zero[:n]), offset)
+            writer.start_writeback(fd, offset, n)
+            result.bytes_written += n
+            offset += n
+        result.method = "zero-writes"
+        result.detail = "encrypted zeros written over the data clusters (compat 0.10 has no " \
+                        "zero flag)"
+    return write
 
 
 def _luks_keys(spec, passphrase, iterations=None):
-    """(LUKS header region, master key) of a new image, as for _luks_region: a copy keeps the
-    master key to encrypt the data it writes."""
+    """(LUKS header region, master key) of a new image: a random master key in key slot 0
+    under `passphrase`, the rounds calibrated to spec.iter_time unless `iterations` are
+    given. The master key encrypts what the creation writes (a copy's data, compat 0.10's
+    zeros)."""
     from .crypto import luks1
     if iterations is None:
         from .crypto.iterations import for_time

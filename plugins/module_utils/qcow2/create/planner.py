@@ -60,6 +60,9 @@ class Plan(object):
         self.data_file_size = 0            # final length of the external data file, if any
         self.zero_flag = False
         self.data_bitmap = None            # extended L2: bitmap of every mapped cluster
+        # An encrypted compat 0.10 image has no zero flag: its preallocated data clusters must
+        # be written with encrypted zeros (by the caller, which holds the key).
+        self.encrypted_zeros = False
 
     @property
     def guest_clusters(self):
@@ -134,18 +137,19 @@ def plan_create(opts, zero_flag=False, data_bitmap=None, luks_header=None):
     the full disk encryption extension. Preallocated clusters then carry the zero flag, so the
     guest reads zeros from them without decrypting anything (`full` writes plain zeros into them
     as well, like any full image: the flag, not the bytes, is what the guest reads). Compat 0.10
-    has no zero flag: there only `off` is planned.
+    has no zero flag: there the plan asks for encrypted zeros in every preallocated data
+    cluster (`encrypted_zeros`), which only the holder of the key can write.
     """
     mode = opts.effective_preallocation
     plan = Plan(opts, mode)
     if opts.data_file:
         plan.data_file_size = opts.size
     if luks_header is not None:
-        if opts.data_file_raw or (opts.version == 2 and mode != "off"):
+        if opts.data_file_raw:
             raise Qcow2Error("encrypt_format: a LUKS image is planned without data_file_raw "
-                             "and, in compat 0.10, without preallocation (see format/options)",
-                             option="encrypt_format")
-        plan.zero_flag = True
+                             "(see format/options)", option="encrypt_format")
+        plan.zero_flag = opts.version >= 3
+        plan.encrypted_zeros = opts.version == 2 and mode != "off"
         _plan_prealloc(plan, opts, luks_header)
     elif mode == "off":
         _plan_off(plan, opts)

@@ -331,9 +331,3 @@ class CreateOptions(object):
                 raise Qcow2Error("data_file_raw: the data file of an encrypted image holds its "
                                  "ciphertext, which is never a raw image of the guest's disk",
                                  option="data_file_raw")
-            if v2 and self.preallocation != "off":
-                raise Qcow2Error(
-                    "preallocation: an encrypted compat 0.10 image is made with preallocation "
-                    "off only: compat 0.10 has no zero flag, so a preallocated cluster would "
-                    "read as decrypted garbage (what qemu-img's do); declare compat 1.1, whose "
-                    "preallocated clusters read zeros", option="preallocation")

@@ -171,8 +171,6 @@ def test_passphrase_file_attacks_refused(tmp_path, capsys):
     ({"encrypt_cipher_alg": "serpent-256"}, "AES only"),
     ({"encrypt_ivgen_hash_alg": "sha256"}, "only the essiv IV generator uses a hash"),
     ({"encrypt_ivgen_alg": "essiv", "encrypt_ivgen_hash_alg": "sha512"}, "digest is an AES"),
-    ({"compat": "0.10", "preallocation": "metadata"}, "compat 0.10 image is made with "
-                                                      "preallocation off only"),
     ({"data_file": "/tmp/never-made.raw", "data_file_raw": True},
      "data_file_raw: the data file of an encrypted image holds its ciphertext"),
 ])
