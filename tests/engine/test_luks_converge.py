@@ -196,3 +196,20 @@ def test_data_file_raw_is_refused_with_encryption(tmp_path):
         api.create(path, {"size": SIZE, "data_file": path + ".data", "data_file_raw": True},
                    passphrase=KEY, iterations=(1000, 1000))
     assert err.value.option == "data_file_raw" and not os.path.exists(path)
+
+
+def test_missing_cryptography_is_named_before_any_write(tmp_path, monkeypatch):
+    """A host without the cryptography package: the preflight (check mode) and the creation
+    name the package, and nothing is made."""
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *rest: None if name == "cryptography" else real(name, *rest))
+    path = str(tmp_path / "n.qcow2")
+    values = {"size": SIZE, "encrypt_format": "luks"}
+    for attempt in (lambda: api.preflight_create(path, values, passphrase=KEY),
+                    lambda: api.create(path, values, passphrase=KEY)):
+        with pytest.raises(Qcow2Error) as err:
+            attempt()
+        assert "python3-cryptography" in str(err.value) and err.value.option == "encrypt_format"
+    assert os.listdir(str(tmp_path)) == []

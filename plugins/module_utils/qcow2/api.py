@@ -99,26 +99,6 @@ def plan_for(path, opts):
     return plan_create(opts, zero_flag=is_block_device(path), luks_header=region)
 
 
-def check_encryption(path, opts, passphrase, device=False):
-    """Raise what making the encrypted image `opts` declares would fail on before its first
-    write (check mode runs it too): no passphrase, a block device, no cryptography. An
-    encrypted image is made empty or as a copy of a source alike."""
-    if opts.encryption is None:
-        return
-    if passphrase is None:
-        raise Qcow2Error("encrypt_passphrase: an encrypted image is made only with a passphrase "
-                         "(encrypt_passphrase, or encrypt_passphrase_file on the host)",
-                         option="encrypt_passphrase")
-    if device:
-        raise Qcow2Error("encrypt_format: %s is a block device; an encrypted image is made in a "
-                         "file only here" % path, option="encrypt_format")
-    import importlib.util
-    if importlib.util.find_spec("cryptography") is None:
-        raise Qcow2Error("encrypt_format: encrypted images need the Python package "
-                         "'cryptography' on the managed host (python3-cryptography on Debian, "
-                         "RHEL and SUSE)", option="encrypt_format")
-
-
 def is_block_device(path):
     """Whether the node at `path` itself (a link is not followed) is a block device."""
     try:
@@ -203,11 +183,12 @@ def create_from(path, values, source, source_format, replace=False, mode=0o644,
                 raise Qcow2Error("%s: the image is in use by a running QEMU; it is not replaced"
                                  % path, path=path)
         opts = source_options(path, values, src)
-        check_encryption(path, opts, passphrase)
+        from .create import encrypted
+        encrypted.check(path, opts, passphrase)
         _check_directory(path, "create the image")
         luks = None
         if opts.encryption is not None:
-            luks = _luks_keys(opts.encryption, passphrase, iterations)
+            luks = encrypted.keys(opts.encryption, passphrase, iterations)
         return create_from_source(path, opts, src, replace=replace, mode=mode, luks=luks)
     finally:
         src.close()
@@ -233,15 +214,16 @@ def create(path, values, replace=False, mode=0o644, check_backing=True, passphra
     if opts.backing_file and check_backing:
         _check_backing(path, opts.backing_file)
     device = is_block_device(path)
-    check_encryption(path, opts, passphrase, device)
+    from .create import encrypted
+    encrypted.check(path, opts, passphrase, device)
     if replace and os.path.lexists(path):
         from .read import lock
         if _in_use(lock, path):
             raise Qcow2Error("%s: the image is in use by a running QEMU; it is not replaced"
                              % path, path=path)
-    luks = _luks_keys(opts.encryption, passphrase, iterations) if opts.encryption else None
+    luks = encrypted.keys(opts.encryption, passphrase, iterations) if opts.encryption else None
     plan = plan_create(opts, zero_flag=device, luks_header=luks[0] if luks else None)
-    content = _encrypted_zeros(opts.encryption, luks[1]) if plan.encrypted_zeros else None
+    content = encrypted.zeros_writer(opts.encryption, luks[1]) if plan.encrypted_zeros else None
     if device:
         if not replace:
             raise Qcow2Error("%s: is a block device that may hold data; writing an image onto "
@@ -257,44 +239,6 @@ def create(path, values, replace=False, mode=0o644, check_backing=True, passphra
     out.update({"path": path, "file_size": plan.file_size, "preallocation": plan.mode,
                 "virtual_size": opts.size, "cluster_size": opts.cluster_size})
     return out
-
-
-def _encrypted_zeros(spec, master_key):
-    """The writer's `content` for an encrypted image without zero flags (compat 0.10): every
-    preallocated data cluster gets zeros encrypted with the image's key (the IV of a sector is
-    its host offset, as QEMU's LUKS qcow2 uses), so the guest reads zeros from it."""
-    def write(fd, plan, result):
-        from .create import writer
-        from .crypto.sectors import RUN, SectorCipher
-        cipher = SectorCipher(spec.cipher_alg, spec.cipher_mode, spec.ivgen_alg,
-                              spec.ivgen_hash_alg, master_key)
-        step = RUN * 512
-        zero = bytes(step)
-        offset, end = plan.data_offset, plan.data_offset + plan.data_length
-        while offset < end:
-            n = min(step, end - offset)
-            writer.write_all(fd, cipher.encrypt(offset // 512, zero[:n]), offset)
-            writer.start_writeback(fd, offset, n)
-            result.bytes_written += n
-            offset += n
-        result.method = "zero-writes"
-        result.detail = "encrypted zeros written over the data clusters (compat 0.10 has no " \
-                        "zero flag)"
-    return write
-
-
-def _luks_keys(spec, passphrase, iterations=None):
-    """(LUKS header region, master key) of a new image: a random master key in key slot 0
-    under `passphrase`, the rounds calibrated to spec.iter_time unless `iterations` are
-    given. The master key encrypts what the creation writes (a copy's data, compat 0.10's
-    zeros)."""
-    from .crypto import luks1
-    if iterations is None:
-        from .crypto.iterations import for_time
-        iterations = for_time(spec.hash_alg, spec.iter_time, spec.key_bytes())
-    return luks1.build(passphrase, cipher_alg=spec.cipher_alg, cipher_mode=spec.cipher_mode,
-                       ivgen_alg=spec.ivgen_alg, ivgen_hash_alg=spec.ivgen_hash_alg,
-                       hash_alg=spec.hash_alg, iterations=iterations)
 
 
 def grow(path, size, mode="off", passphrase=None):
@@ -393,7 +337,8 @@ def preflight_create(path, values, replace=False, source=None, source_format=Non
                           passphrase=source_passphrase)
         try:
             opts = source_options(path, values, src)
-            check_encryption(path, opts, passphrase)
+            from .create import encrypted
+            encrypted.check(path, opts, passphrase)
             if is_block_device(path):
                 raise Qcow2Error("%s: copying a source onto a block device is not supported"
                                  % path, path=path)
@@ -404,7 +349,8 @@ def preflight_create(path, values, replace=False, source=None, source_format=Non
             src.close()
     opts = values if isinstance(values, CreateOptions) else \
         parse_options(path, values, planned)
-    check_encryption(path, opts, passphrase, is_block_device(path))
+    from .create import encrypted
+    encrypted.check(path, opts, passphrase, is_block_device(path))
     if is_block_device(path):
         if not replace:
             raise Qcow2Error("%s: is a block device that may hold data; writing an image onto "
@@ -461,7 +407,8 @@ def _preflight_planned_copy(path, values, source, source_format, allow_backing, 
     if values.get("size") is None:
         values["size"] = _Planned.size
     opts = parse_options(path, values)
-    check_encryption(path, opts, passphrase)
+    from .create import encrypted
+    encrypted.check(path, opts, passphrase)
     from .copy.convert import check_source_fits
     check_source_fits(opts, _Planned)
     if is_block_device(path):

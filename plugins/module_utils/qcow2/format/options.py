@@ -201,8 +201,9 @@ class CreateOptions(object):
                    "backing-file": "backing_file", "backing-fmt": "backing_fmt",
                    "data-file": "data_file", "data-file-raw": "data_file_raw",
                    "extent-size-hint": "extent_size_hint"}
-        aliases.update(("encrypt." + key.replace("_", "-"), encryption.option(key))
-                       for key in encryption.KEYS)
+        for key in encryption.KEYS:
+            aliases["encrypt." + key.replace("_", "-")] = encryption.option(key)
+            aliases["encrypt." + key] = encryption.option(key)
         clean = {}
         for key, value in values.items():
             key = aliases.get(key, key)
