@@ -213,3 +213,44 @@ def test_missing_cryptography_is_named_before_any_write(tmp_path, monkeypatch):
             attempt()
         assert "python3-cryptography" in str(err.value) and err.value.option == "encrypt_format"
     assert os.listdir(str(tmp_path)) == []
+
+
+@pytest.mark.parametrize("mode", ["off", "metadata"])
+@pytest.mark.parametrize("options", ["", "extended_l2=on"])
+def test_encrypted_overlay_of_a_plain_template_keeps_the_guest_view(tmp_path, mode, options):
+    """An encrypted overlay (qemu-img's) of a plain template that a guest wrote to: grown by
+    ours, it reads the template where the overlay has nothing, its own data, and zeros in the
+    grown range (past the template's end too)."""
+    base = str(tmp_path / "base.qcow2")
+    assert oracle.run(oracle.QEMU_IMG, "create", "-q", "-f", "qcow2", base,
+                      "8M").returncode == 0
+    assert oracle.run(oracle.QEMU_IO, "-c", "write -P 0x5c 0 8M", base).returncode == 0
+    path = str(tmp_path / "overlay.qcow2")
+    proc = None
+    for _attempt in range(oracle.LUKS_ATTEMPTS):
+        proc = oracle.run(oracle.QEMU_IMG, "create", "-q", "-f", "qcow2", "--object",
+                          "secret,id=s0,data=abc", "-b", base, "-F", "qcow2", "-o",
+                          "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10" +
+                          ("," + options if options else ""), path, "8M")
+        if proc.returncode == 0:
+            break
+    assert proc.returncode == 0, proc.stderr
+    _io(path, "write -P 0x11 1M 64k", "write -z 2M 64k")
+    before = _guest(path, tmp_path)
+    assert before[:1 << 20] == b"\x5c" * (1 << 20)
+    api.grow(path, GROWN, mode, passphrase=KEY)
+    after = _guest(path, tmp_path)
+    assert after[:SIZE] == before and after[SIZE:] == bytes(GROWN - SIZE)
+    _checked(path)
+    # Raising the overlay's preallocation maps its clusters: only with extended L2 (whose
+    # subclusters stay unallocated and read the template); without it refused, unchanged.
+    grown = _guest(path, tmp_path)
+    current = api.observe(path)["preallocation"]
+    if options:
+        api.raise_preallocation(path, current, "metadata", passphrase=KEY)
+    else:
+        with pytest.raises(Qcow2Error) as err:
+            api.raise_preallocation(path, current, "metadata", passphrase=KEY)
+        assert "backing file" in str(err.value)
+    assert _guest(path, tmp_path) == grown
+    _checked(path)
