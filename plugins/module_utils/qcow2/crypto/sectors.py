@@ -38,6 +38,7 @@ IVGEN_ALGS = ("plain", "plain64", "essiv")
 ESSIV_DEFAULT_HASH = "sha256"       # what QEMU takes for essiv without ivgen-hash-alg
 MASKS = {"plain": 0xFFFFFFFF, "plain64": 0xFFFFFFFFFFFFFFFF, "essiv": 0xFFFFFFFFFFFFFFFF}
 XTS_POLY = 0x87                     # x^128 = x^7 + x^2 + x + 1 in XTS's GF(2^128)
+_ZEROS = bytes(RUN * SECTOR)
 
 
 def backend():
@@ -266,9 +267,13 @@ class SectorCipher(object):
             tweak <<= 1
             carry = tweak & carries
             tweak ^= carry ^ (carry >> 128) * XTS_POLY
-        tweaks = int.from_bytes(_interleave(columns, count), "little")
+        laid = _interleave(columns, count)
+        tweaks = int.from_bytes(laid, "little")
         size = count * SECTOR
-        mixed = (int.from_bytes(run, "little") ^ tweaks).to_bytes(size, "little")
+        if encrypt and run == _ZEROS[:size]:
+            mixed = bytes(laid)         # zeros XOR T is T: the common case of encrypted zeros
+        else:
+            mixed = (int.from_bytes(run, "little") ^ tweaks).to_bytes(size, "little")
         mixed = (self._ecb_enc if encrypt else self._ecb_dec).update(mixed)
         return (int.from_bytes(mixed, "little") ^ tweaks).to_bytes(size, "little")
 
