@@ -225,9 +225,9 @@ options:
         the error, in check mode too.
       - Every preallocation mode is made; unlike qemu-img's, a new encrypted image's guest
         reads zeros in every mode (its preallocated clusters carry qcow2's zero flag, where
-        qemu-img's read decrypted garbage). Compat V(0.10) has no zero flag: there every
+        qemu-img's read decrypted garbage). Compat V(0.10) has no zero flag; there every
         preallocated cluster is written with encrypted zeros, so V(metadata) and V(falloc)
-        cost what V(full) costs (about 120 MiB/s), and such an image is not preallocated
+        cost what V(full) costs (about 110 MiB/s here), and such an image is not preallocated
         further in place.
       - With O(source) the copy is encrypted as it is written. Every cluster holding data is
         encrypted whole (its zeros too), the clusters that read zeros stay unallocated or
