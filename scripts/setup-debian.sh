@@ -56,7 +56,8 @@ PY_CTRL=$(controller_python) || { log "no Python >= 3.12 found (pyenv versions o
 # cryptography: the LUKS key-slot tests (crypto/luks1.py needs it only for encrypted images).
 make_venv .venv-test "$PY_CTRL" 'pytest>=8' 'hypothesis>=6.100' 'cryptography>=41'
 if PY39=$(find_python 3.9); then
-    make_venv .venv-py39 "$PY39" 'pytest>=8' 'hypothesis>=6.100'
+    # cryptography: the encrypted-image tests on the oldest managed-node Python too.
+    make_venv .venv-py39 "$PY39" 'pytest>=8' 'hypothesis>=6.100' 'cryptography>=41'
 else
     log "no Python 3.9 found: the oldest managed-node Python is not tested on this machine"
 fi

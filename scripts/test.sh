@@ -89,7 +89,8 @@ note() {
 }
 
 # Python 3.9 runs what differs between Python versions: every engine code path (units,
-# inspector, block device, template sources and copies, the guest-view regression tests and
+# inspector, block device, template sources and copies, encrypted images made and copied
+# (the sector cipher's big-integer XTS, the key slots), the guest-view regression tests and
 # every in-place change on the qemu-made images of the `qemu-off` states), not the guest-view
 # grids again, which repeat the same code over 30 image states (docs/development.md).
 PY39_GRIDS='not (test_in_place_change_keeps_the_guest_view or test_prediction_matches_apply) or qemu-off'
@@ -102,11 +103,12 @@ lane_pytest() {
         .venv-test/bin/python -m pytest "${PYTEST_OPTS[@]}" --basetemp="$RUN_DIR/reliability" \
         tests/reliability -q -ra -s
     if [ -x .venv-py39/bin/python ]; then
-        step "engine on Python 3.9: units, inspector, block device, sources, copies, guest view (subset)" \
+        step "engine on Python 3.9: units, inspector, block device, sources, copies, LUKS, guest view (subset)" \
             .venv-py39/bin/python -m pytest "${PYTEST_OPTS[@]}" --basetemp="$RUN_DIR/py39" -q -ra \
             tests/engine/test_units.py tests/engine/test_inspector.py \
             tests/engine/test_guest_view.py tests/engine/test_block_device.py \
-            tests/engine/test_source.py tests/engine/test_convert.py -k "$PY39_GRIDS"
+            tests/engine/test_source.py tests/engine/test_convert.py \
+            tests/engine/test_luks_create.py tests/engine/test_luks_copy.py -k "$PY39_GRIDS"
     else
         note "Python 3.9 is not available: engine tests on 3.9 skipped (setup-debian.sh said why)"
     fi
