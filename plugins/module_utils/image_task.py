@@ -59,6 +59,7 @@ def argument_spec():
         encrypt_ivgen_hash_alg=dict(type="str", choices=list(encryption.HASH_ALGS)),
         encrypt_hash_alg=dict(type="str", choices=list(encryption.HASH_ALGS)),
         encrypt_iter_time=dict(type="int"),
+        encrypt_check_passphrase=dict(type="bool", default=False),
     )
 
 
@@ -312,6 +313,14 @@ class ImageTask(object):
                       conflicts=decision.conflicts)
         api.add_leftover_cleanup(self.path, decision)
         secret = self.passphrase() if params["state"] == "present" else None
+        if params.get("encrypt_check_passphrase") and observed and observed.get("encrypted") \
+                and not decision.failure and not decision.conflicts:
+            # Asked for: the declared passphrase must open the image on every run, also when
+            # nothing is changed (a rotated secret that no longer matches the disk fails).
+            try:
+                api.verify_passphrase(self.path, secret)
+            except Qcow2Error as exc:
+                self.fail(str(exc), option=exc.option, wanted=decision.texts())
         source_secret = self.source_passphrase() if params["state"] == "present" else None
         try:
             if self.planned:

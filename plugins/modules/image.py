@@ -286,6 +286,17 @@ options:
         default V(sha256).
     type: str
     choices: [md5, sha1, sha224, sha256, sha384, sha512, ripemd160]
+  encrypt_check_passphrase:
+    description:
+      - Open a key slot of an existing encrypted image with the declared passphrase on every
+        run, also when nothing is to be changed, and fail (in check mode too) when it does not
+        open: for example after the passphrase in Vault was rotated but the disk's key slot
+        was not.
+      - Costs one key slot derivation (the image's iteration time, 2 s by QEMU's default) per
+        run and image; by default (V(false)) the passphrase is opened only before an in-place
+        change.
+    type: bool
+    default: false
   encrypt_iter_time:
     description:
       - Milliseconds of CPU that opening the key slot costs (C(encrypt.iter-time)); default

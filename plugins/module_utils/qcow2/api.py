@@ -241,6 +241,17 @@ def create(path, values, replace=False, mode=0o644, check_backing=True, passphra
     return out
 
 
+def verify_passphrase(path, passphrase):
+    """Raise the Qcow2Error of the editor's guard unless `passphrase` opens a key slot of the
+    LUKS-encrypted image at `path` (nothing to do for a plain image). Reads only; costs one
+    key slot derivation, remembered for the rest of the process."""
+    from .edit.editor import check_key
+    from .read.image import Image
+    with Image.open(path) as img:
+        if img.header.crypt_method:
+            check_key(img, path, passphrase)
+
+
 def grow(path, size, mode="off", passphrase=None):
     """Raise the virtual size in place; the new range reads zeros and is preallocated per
     `mode`. `passphrase` (bytes): the key of an encrypted image, which is refused without it."""

@@ -48,7 +48,7 @@ def guard_image(img, path, run_check=True, passphrase=None):
                          "'qemu-img check -r all %s' (back it up first)" % (path, path),
                          path=path)
     if hdr.crypt_method:
-        _check_key(img, path, passphrase)
+        check_key(img, path, passphrase)
     if not run_check:
         return None
     result = check(path, image=img, max_messages=5)
@@ -69,8 +69,9 @@ def guard_image(img, path, run_check=True, passphrase=None):
 _OPENED = set()
 
 
-def _check_key(img, path, passphrase):
-    """Refuse an encrypted image unless `passphrase` opens it (LUKS only)."""
+def check_key(img, path, passphrase):
+    """Refuse an encrypted image unless `passphrase` opens it (LUKS only). Reads only; a pair
+    already proven in this process is not derived again."""
     if img.header.crypt_method != C.CRYPT_LUKS:
         raise Qcow2Error("%s: the image is encrypted with qcow's legacy AES method, which QEMU "
                          "no longer opens for writing; it is not modified" % path, path=path)

@@ -301,3 +301,20 @@ def test_images_masks_item_passphrases_in_log_and_result(tmp_path, capsys, monke
     for text in [json.dumps(predicted), json.dumps(done), repr(logged)]:
         assert SECRET not in text and other not in text
     assert "'encrypt_passphrase': '********'" in repr(logged)
+
+
+def test_check_passphrase_on_every_run_when_asked(tmp_path, capsys):
+    """A rotated passphrase that no longer opens the image: unnoticed by a run that changes
+    nothing, unless encrypt_check_passphrase asks; then it fails in check mode and for real
+    alike, and the right one passes unchanged."""
+    path = str(tmp_path / "rot.qcow2")
+    module_runs.run(image_module, capsys, path=path, size="8M", **FAST)
+    rotated = _with(FAST, path=path, size="8M", encrypt_passphrase="rotated in vault")
+    _predicted, quiet = _both(capsys, **rotated)
+    assert quiet["changed"] is False and not quiet.get("failed")
+    _predicted, checked = _both(capsys, encrypt_check_passphrase=True, **rotated)
+    assert checked["failed"] and "opens no key slot" in checked["msg"]
+    assert checked.get("option") == "encrypt_passphrase"
+    _predicted, right = _both(capsys, encrypt_check_passphrase=True,
+                              **_with(FAST, path=path, size="8M"))
+    assert right["changed"] is False and not right.get("failed")
