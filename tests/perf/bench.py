@@ -372,10 +372,11 @@ def convert_cmds(case, src, fmt, ours, ref):
         # An encrypted copy of the template at its own size (no resize): qemu-img encrypts as
         # it converts, with the same secret and iteration time.
         o = "preallocation=%s,%s" % (mode, case.opts)
-        return ([TOOL + ["convert"] + SECRET + ["-f", fmt, "-o", "size=%d,%s" % (case.size, o),
-                                                src, ours]],
-                [[QEMU_IMG, "convert", "-q"] + SECRET + ["-f", fmt, "-O", "qcow2", "-o", o,
-                                                        src, ref]])
+        sized = "size=%d,%s" % (case.size, o)
+        ours_cmd = TOOL + ["convert"] + SECRET + ["-f", fmt, "-o", sized, src, ours]
+        ref_cmd = [QEMU_IMG, "convert", "-q"] + SECRET + ["-f", fmt, "-O", "qcow2", "-o", o]
+        ref_cmd += [src, ref]
+        return [ours_cmd], [ref_cmd]
     a = [TOOL + ["convert", "-f", fmt, "-o", "size=%d,preallocation=%s" % (case.size, mode),
                  src, ours]]
     b = [[QEMU_IMG, "convert", "-q", "-f", fmt, "-O", "qcow2", "-o", "preallocation=" + mode,
