@@ -290,7 +290,7 @@ options:
     description:
       - Open a key slot of an existing encrypted image with the declared passphrase on every
         run, also when nothing is to be changed, and fail (in check mode too) when it does not
-        open: for example after the passphrase in Vault was rotated but the disk's key slot
+        open, for example after the passphrase in Vault was rotated but the disk's key slot
         was not.
       - Costs one key slot derivation (the image's iteration time, 2 s by QEMU's default) per
         run and image; by default (V(false)) the passphrase is opened only before an in-place
