@@ -254,3 +254,40 @@ def test_encrypted_overlay_of_a_plain_template_keeps_the_guest_view(tmp_path, mo
         assert "backing file" in str(err.value)
     assert _guest(path, tmp_path) == grown
     _checked(path)
+
+
+@pytest.mark.parametrize("into", ["header", "key material", "last sector"])
+def test_truncated_encrypted_image_is_refused_unchanged(tmp_path, into):
+    """An encrypted image cut short inside its LUKS header clusters (a download that stopped):
+    inspected as not a usable qcow2 image with the defect named, never grown, never unlocked
+    into a wrong key; QEMU refuses the first cut too (the later ones it opens, reading zeros
+    past the end; we are stricter)."""
+    from qcow2.crypto import luks1
+    from qcow2.read.image import Image
+    whole = str(tmp_path / "whole.qcow2")
+    api.create(whole, {"size": SIZE}, passphrase=KEY, iterations=(1000, 1000))
+    with Image.open(whole) as img:
+        start, length = img.crypto_offset, img.crypto_length
+        region = img.read(start, length)
+    cut = {"header": start + 300, "key material": start + 4096 + 1000,
+           "last sector": start + length - 512}[into]
+    path = str(tmp_path / "cut.qcow2")
+    with open(whole, "rb") as handle, open(path, "wb") as out:
+        out.write(handle.read(cut))
+    before = _digest(path)
+    state = api.observe(path)
+    assert state["qcow2"] is False and "corrupt" in state["reason"], state
+    with pytest.raises(Qcow2Error) as err:
+        api.grow(path, GROWN, "off", passphrase=KEY)
+    assert "corrupt" in str(err.value)
+    assert _digest(path) == before
+    cut_region = region[:cut - start] + bytes(length - (cut - start))
+    if into == "last sector":
+        # Only the last (inactive) slot's material is missing: slot 0 still gives the key.
+        assert luks1.unlock(cut_region, KEY) == luks1.unlock(region, KEY)
+    else:
+        with pytest.raises(Qcow2Error):
+            luks1.unlock(cut_region, KEY)
+    if into == "header":
+        proc = oracle.run(oracle.QEMU_IMG, "info", path)
+        assert proc.returncode != 0 and "corrupted" in proc.stderr
