@@ -59,7 +59,7 @@ def argument_spec():
         encrypt_ivgen_hash_alg=dict(type="str", choices=list(encryption.HASH_ALGS)),
         encrypt_hash_alg=dict(type="str", choices=list(encryption.HASH_ALGS)),
         encrypt_iter_time=dict(type="int"),
-        encrypt_check_passphrase=dict(type="bool", default=False),
+        encrypt_check_passphrase=dict(type="bool", default=False, no_log=False),
     )
 
 
