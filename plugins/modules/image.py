@@ -299,9 +299,11 @@ options:
     default: false
   encrypt_iter_time:
     description:
-      - Milliseconds of CPU that opening the key slot costs (C(encrypt.iter-time)); default
+      - Milliseconds of CPU spent on passphrase processing (C(encrypt.iter-time)); default
         2000, as QEMU. The PBKDF2 rounds are calibrated on the managed host when the image is
-        made (the master key digest gets an eighth, at least 1000 rounds each).
+        made so that the whole key setup (loading the cipher library, the calibration, the key
+        slot's PBKDF2 and the master key digest's, which gets an eighth of the slot's rounds)
+        takes this long, and opening the image about as long; at least 1000 rounds each.
       - Only used when an image is made; not compared with an existing one.
     type: int
   backup:

@@ -34,10 +34,14 @@ def keys(spec, passphrase, iterations=None):
     under `passphrase`, the rounds calibrated to spec.iter_time unless `iterations` are
     given. The master key encrypts what the creation writes (a copy's data, compat 0.10's
     zeros)."""
+    import time
+    started = time.process_time()
     from ..crypto import luks1
     if iterations is None:
         from ..crypto.iterations import for_time
-        iterations = for_time(spec.hash_alg, spec.iter_time, spec.key_bytes())
+        from ..crypto.sectors import backend
+        backend()       # loading the cipher library counts in the time asked
+        iterations = for_time(spec.hash_alg, spec.iter_time, spec.key_bytes(), started)
     return luks1.build(passphrase, cipher_alg=spec.cipher_alg, cipher_mode=spec.cipher_mode,
                        ivgen_alg=spec.ivgen_alg, ivgen_hash_alg=spec.ivgen_hash_alg,
                        hash_alg=spec.hash_alg, iterations=iterations)

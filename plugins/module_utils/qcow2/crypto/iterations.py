@@ -1,9 +1,12 @@
 # Copyright (c) 2026 vdisk.qcow2 developers
 # GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
 # SPDX-License-Identifier: GPL-3.0-or-later
-"""How many PBKDF2 rounds make a key slot cost `encrypt_iter_time` on this host, as QEMU
-calibrates them: the slot's rounds take that long, the master key digest's an eighth of it
-(so all eight slots together cost about one slot), and neither goes below LUKS1's minimum.
+"""How many PBKDF2 rounds make a new image's key setup cost `encrypt_iter_time` on this host,
+QEMU's "time to spend on PBKDF passphrase processing": the master key digest gets an eighth of
+the slot's rounds (as QEMU and cryptsetup give it), and the whole setup - loading the cipher
+library, this calibration, the slot's and the digest's PBKDF2 - fits in the time asked, so an
+encrypted creation costs at most its iteration time more than a plain one. Neither count goes
+below LUKS1's minimum.
 
 Measured on this process's CPU clock, not the wall clock, so a busy host does not make the
 derivation weaker."""
@@ -12,7 +15,9 @@ import hashlib
 import time
 
 MIN_ITERATIONS = 1000
-_PROBE_SECONDS = 0.05
+_PROBE_SECONDS = 0.025
+_DIGEST_BYTES = 20                  # LUKS1's master key digest
+_AFTER_SECONDS = 0.02               # the anti-forensic split and the slot's encryption after it
 
 
 def rounds_per_second(hash_name, key_bytes):
@@ -27,10 +32,18 @@ def rounds_per_second(hash_name, key_bytes):
         rounds *= 2
 
 
-def for_time(hash_name, milliseconds, key_bytes):
-    """(slot rounds, master key digest rounds) for a key slot derivation of `milliseconds`."""
+def for_time(hash_name, milliseconds, key_bytes, started=None):
+    """(slot rounds, master key digest rounds) for a key setup of `milliseconds` of CPU that
+    began at `started` (time.process_time(); None: now)."""
+    if started is None:
+        started = time.process_time()
     rate = rounds_per_second(hash_name, key_bytes)
-    slot = int(rate * milliseconds / 1000.0)
+    size = hashlib.new(hash_name).digest_size
+    # A PBKDF2 round costs one HMAC per output block: the digest's rounds (an eighth of the
+    # slot's) cost that share of a slot round.
+    share = 1.0 + (-(-_DIGEST_BYTES // size)) / (8.0 * -(-key_bytes // size))
+    left = milliseconds / 1000.0 - (time.process_time() - started) - _AFTER_SECONDS
+    slot = int(rate * max(left, 0.0) / share)
     if slot >= 1 << 32:
         slot = (1 << 32) - 1
     return max(slot, MIN_ITERATIONS), max(slot // 8, MIN_ITERATIONS)
