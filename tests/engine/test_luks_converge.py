@@ -291,3 +291,39 @@ def test_truncated_encrypted_image_is_refused_unchanged(tmp_path, into):
     if into == "header":
         proc = oracle.run(oracle.QEMU_IMG, "info", path)
         assert proc.returncode != 0 and "corrupted" in proc.stderr
+
+
+def test_a_run_derives_each_key_slot_once(tmp_path, monkeypatch):
+    """Check mode's preflight and the real run both open the image (the guard of a grow, the
+    source of a copy), yet the passphrase's PBKDF2 runs once: crypto/luks1 remembers what it
+    opened for the rest of the process."""
+    import hashlib
+    from qcow2 import reconcile
+    from qcow2.crypto import luks1
+    monkeypatch.setattr(luks1, "_OPENED", {})
+    derived = []
+    real = hashlib.pbkdf2_hmac
+
+    def counting(name, secret, *rest, **kw):
+        if secret == KEY:
+            derived.append(name)
+        return real(name, secret, *rest, **kw)
+    monkeypatch.setattr(hashlib, "pbkdf2_hmac", counting)
+    path = _used(tmp_path)
+    before = _guest(path, tmp_path)
+    decision = reconcile.decide({"size": GROWN, "encrypt_format": "luks"}, api.observe(path))
+    assert [a.kind for a in decision.actions] == ["grow"]
+    api.preflight(path, decision, passphrase=KEY)
+    api.apply(path, decision, passphrase=KEY)
+    assert len(derived) == 1, derived
+    assert _guest(path, tmp_path)[:SIZE] == before
+    copy = str(tmp_path / "copy.qcow2")
+    values = {"preallocation": "off"}
+    api.preflight_create(copy, values, source=path, source_format="qcow2",
+                         source_passphrase=KEY)
+    api.create_from(copy, values, path, "qcow2", source_passphrase=KEY)
+    assert len(derived) == 1, derived            # the grow's derivation served the copy too
+    proc = oracle.run(oracle.QEMU_IMG, "convert", "-O", "raw", copy, str(tmp_path / "c.raw"))
+    assert proc.returncode == 0, proc.stderr
+    with open(str(tmp_path / "c.raw"), "rb") as handle:
+        assert handle.read(SIZE) == before

@@ -433,11 +433,9 @@ def _unlock(img, path, passphrase):
     """The SectorCipher of the LUKS image `img` that `passphrase` opens, or the refusal."""
     from ..crypto import luks1
     from ..crypto.sectors import SectorCipher
-    from ..format import luks
-    region = img.read(img.crypto_offset, img.crypto_length)
     try:
-        key = luks1.unlock(region, passphrase)
-        return SectorCipher.from_fields(luks.parse(region[:luks.PHDR_SIZE]), key)
+        key = luks1.unlock(img.luks_region(), passphrase)
+        return SectorCipher.from_fields(img.luks, key)
     except Qcow2Error as exc:
         message = exc.message.split(": ", 1)[-1] if exc.option == "encrypt_passphrase" else \
             exc.message

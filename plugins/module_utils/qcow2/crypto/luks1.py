@@ -24,7 +24,6 @@ from .sectors import SectorCipher, check_hash, header_names, options_of, xor_byt
 
 DIGEST_SIZE = 20                # LUKS1's master key digest
 SALT_SIZE = 32
-ALIGN_SECTORS = 4096 // luks.SECTOR
 MIN_ITERATIONS = 1000
 
 
@@ -59,12 +58,6 @@ def af_merge(material, key_bytes, stripes, hash_name):
     return xor_bytes(acc, material[(stripes - 1) * key_bytes:stripes * key_bytes])
 
 
-def slot_sectors(key_bytes):
-    """Sectors of one slot's key material, aligned to 4 KiB as QEMU aligns them."""
-    sectors = -(-key_bytes * luks.STRIPES // luks.SECTOR)
-    return -(-sectors // ALIGN_SECTORS) * ALIGN_SECTORS
-
-
 def build(passphrase, cipher_alg="aes-256", cipher_mode="xts", ivgen_alg="plain64",
           ivgen_hash_alg=None, hash_alg="sha256", iterations=None, master_key=None,
           random=os.urandom):
@@ -84,16 +77,16 @@ def build(passphrase, cipher_alg="aes-256", cipher_mode="xts", ivgen_alg="plain6
     slot_iters, mk_iters = iterations or (MIN_ITERATIONS, MIN_ITERATIONS)
     slot_iters, mk_iters = max(slot_iters, MIN_ITERATIONS), max(mk_iters, MIN_ITERATIONS)
     master_key = master_key or random(key_bytes)
-    per_slot = slot_sectors(key_bytes)
-    payload = ALIGN_SECTORS + luks.SLOTS * per_slot
-    region = bytearray(payload * luks.SECTOR)
+    per_slot = luks.key_sectors(key_bytes)
+    region = bytearray(luks.region_size(key_bytes))
+    payload = len(region) // luks.SECTOR
     mk_salt = random(SALT_SIZE)
     mk_digest = hashlib.pbkdf2_hmac(hash_alg, master_key, mk_salt, mk_iters, DIGEST_SIZE)
     luks.HEAD.pack_into(region, 0, luks.MAGIC, 1, cipher_name, mode_name, hash_alg.encode(),
                         payload, key_bytes, mk_digest, mk_salt, mk_iters,
                         str(uuid.UUID(bytes=random(16), version=4)).encode())
     for index in range(luks.SLOTS):
-        start = ALIGN_SECTORS + index * per_slot
+        start = luks.HEADER_SECTORS + index * per_slot
         at = luks.SLOTS_AT + 48 * index
         if index:
             luks.SLOT.pack_into(region, at, luks.SLOT_DISABLED, 0, bytes(SALT_SIZE), start,
@@ -110,10 +103,24 @@ def build(passphrase, cipher_alg="aes-256", cipher_mode="xts", ivgen_alg="plain6
     return bytes(region), master_key
 
 
+# Master keys already recovered in this process, by the digest of (header region, passphrase):
+# a run derives a key slot (encrypt_iter_time long) once, though its check mode preflight and
+# its real run both open the image (the guard of an in-place change, a copy's source). Lives
+# and dies with the module's process.
+_OPENED = {}
+
+
 def unlock(region, passphrase):
     """The master key of the LUKS header `region` (its bytes up to the payload) that
     `passphrase` opens, or a Qcow2Error saying the passphrase opens no key slot (or naming
     the cipher this collection does not open)."""
+    proof = hashlib.sha256(hashlib.sha256(bytes(region)).digest() + passphrase).digest()
+    if proof not in _OPENED:
+        _OPENED[proof] = _recover(region, passphrase)
+    return _OPENED[proof]
+
+
+def _recover(region, passphrase):
     fields = luks.parse(region[:luks.PHDR_SIZE])
     hash_name = options_of(fields)["hash_alg"]
     key_bytes = fields["key_bytes"]

@@ -21,7 +21,7 @@ import hashlib
 import sys
 from array import array
 
-from ..format import luks
+from ..format import encryption, luks
 from ..format.errors import Qcow2Error
 
 SECTOR = luks.SECTOR
@@ -29,13 +29,6 @@ BLOCK = 16                          # the AES block
 PER_SECTOR = SECTOR // BLOCK        # AES blocks in a sector
 RUN = 2048                          # sectors handled per step (1 MiB): bounds the memory used
 
-# QEMU's cipher-alg values: those of AES with their key sizes, the others it knows by name.
-CIPHER_ALGS = {"aes-128": 16, "aes-192": 24, "aes-256": 32}
-OTHER_CIPHER_ALGS = ("serpent-128", "serpent-192", "serpent-256", "twofish-128",
-                     "twofish-192", "twofish-256", "cast5-128", "sm4")
-CIPHER_MODES = ("xts", "cbc", "ecb", "ctr")
-IVGEN_ALGS = ("plain", "plain64", "essiv")
-ESSIV_DEFAULT_HASH = "sha256"       # what QEMU takes for essiv without ivgen-hash-alg
 MASKS = {"plain": 0xFFFFFFFF, "plain64": 0xFFFFFFFFFFFFFFFF, "essiv": 0xFFFFFFFFFFFFFFFF}
 XTS_POLY = 0x87                     # x^128 = x^7 + x^2 + x + 1 in XTS's GF(2^128)
 _ZEROS = bytes(RUN * SECTOR)
@@ -78,33 +71,13 @@ def check_hash(name, option):
 
 def check_spec(cipher_alg, cipher_mode, ivgen_alg, ivgen_hash_alg):
     """(AES key bytes, key bytes of the whole cipher key, ivgen_hash_alg as QEMU settles it)
-    for these option values, or the Qcow2Error naming the option QEMU (or this collection)
-    refuses. The whole key is two AES keys in XTS mode."""
-    if cipher_alg not in CIPHER_ALGS:
-        if cipher_alg in OTHER_CIPHER_ALGS:
-            raise Qcow2Error("encrypt_cipher_alg: %s is a cipher QEMU knows, but this collection "
-                             "supports AES only (aes-128, aes-192, aes-256)" % cipher_alg,
-                             option="encrypt_cipher_alg")
-        raise Qcow2Error("encrypt_cipher_alg: %s is not a cipher QEMU knows; this collection "
-                         "supports aes-128, aes-192 and aes-256" % cipher_alg,
-                         option="encrypt_cipher_alg")
-    if cipher_mode not in CIPHER_MODES:
-        raise Qcow2Error("encrypt_cipher_mode: %s is not one of %s"
-                         % (cipher_mode, ", ".join(CIPHER_MODES)), option="encrypt_cipher_mode")
-    if ivgen_alg not in IVGEN_ALGS:
-        raise Qcow2Error("encrypt_ivgen_alg: %s is not one of %s"
-                         % (ivgen_alg, ", ".join(IVGEN_ALGS)), option="encrypt_ivgen_alg")
-    if ivgen_alg == "essiv" and ivgen_hash_alg is None:
-        ivgen_hash_alg = ESSIV_DEFAULT_HASH
+    for these option values (format/encryption.cipher_key, the one statement of the rules),
+    the IV hash also known to this host's hashlib; else the Qcow2Error naming the option."""
+    aes_key, key_bytes, ivgen_hash_alg = encryption.cipher_key(cipher_alg, cipher_mode,
+                                                               ivgen_alg, ivgen_hash_alg)
     if ivgen_hash_alg is not None:
         check_hash(ivgen_hash_alg, "encrypt_ivgen_hash_alg")
-    if ivgen_alg == "essiv" and hashlib.new(ivgen_hash_alg).digest_size not in (16, 24, 32):
-        raise Qcow2Error("encrypt_ivgen_hash_alg: essiv keys AES with the %s digest, %d bytes: "
-                         "no AES key size (take sha256 or md5)"
-                         % (ivgen_hash_alg, hashlib.new(ivgen_hash_alg).digest_size),
-                         option="encrypt_ivgen_hash_alg")
-    aes_key = CIPHER_ALGS[cipher_alg]
-    return aes_key, aes_key * (2 if cipher_mode == "xts" else 1), ivgen_hash_alg
+    return aes_key, key_bytes, ivgen_hash_alg
 
 
 def header_names(cipher_alg, cipher_mode, ivgen_alg="plain64", ivgen_hash_alg=None):
@@ -113,13 +86,7 @@ def header_names(cipher_alg, cipher_mode, ivgen_alg="plain64", ivgen_hash_alg=No
     an IV hash), 64 for aes-256 in XTS."""
     _aes, key_bytes, ivgen_hash_alg = check_spec(cipher_alg, cipher_mode, ivgen_alg,
                                                  ivgen_hash_alg)
-    if key_bytes * luks.STRIPES % SECTOR:
-        # The key material of a 24-byte key ends inside a sector: QEMU (7.2) aborts making or
-        # opening such a header, so none is made for it here.
-        raise Qcow2Error("encrypt_cipher_alg: QEMU cannot make nor open LUKS key slots for "
-                         "%s in %s mode (its key material ends inside a sector); take aes-128, "
-                         "aes-256 or xts mode" % (cipher_alg, cipher_mode),
-                         option="encrypt_cipher_alg")
+    encryption.check_makeable(cipher_alg, cipher_mode)
     mode = "%s-%s" % (cipher_mode, ivgen_alg)
     if ivgen_hash_alg is not None:
         mode += ":" + ivgen_hash_alg

@@ -64,14 +64,9 @@ def guard_image(img, path, run_check=True, passphrase=None):
     return result
 
 
-# Digests of (LUKS header region, passphrase) pairs already proven in this process: check mode's
-# preflight and the real run's guard derive the key slot (encrypt_iter_time long) once.
-_OPENED = set()
-
-
 def check_key(img, path, passphrase):
-    """Refuse an encrypted image unless `passphrase` opens it (LUKS only). Reads only; a pair
-    already proven in this process is not derived again."""
+    """Refuse an encrypted image unless `passphrase` opens it (LUKS only). Reads only; the key
+    slot is derived once per process (crypto/luks1.unlock remembers what it opened)."""
     if img.header.crypt_method != C.CRYPT_LUKS:
         raise Qcow2Error("%s: the image is encrypted with qcow's legacy AES method, which QEMU "
                          "no longer opens for writing; it is not modified" % path, path=path)
@@ -79,18 +74,12 @@ def check_key(img, path, passphrase):
         raise Qcow2Error("encrypt_passphrase: %s is LUKS encrypted; changing it in place needs "
                          "its passphrase (encrypt_passphrase or encrypt_passphrase_file)" % path,
                          option="encrypt_passphrase", path=path)
-    import hashlib
-    region = img.read(img.crypto_offset, img.crypto_length)
-    digest = hashlib.sha256(hashlib.sha256(region).digest() + passphrase).digest()
-    if digest in _OPENED:
-        return
     from ..crypto import luks1
     try:
-        luks1.unlock(region, passphrase)
+        luks1.unlock(img.luks_region(), passphrase)
     except Qcow2Error as exc:
         raise Qcow2Error("%s: %s; it is not modified" % (path, exc), option=exc.option,
                          path=path)
-    _OPENED.add(digest)
 
 
 def preflight(path, run_check=True, passphrase=None):

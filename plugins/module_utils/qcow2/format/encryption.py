@@ -17,8 +17,13 @@ IVGEN_ALGS = ("plain", "plain64", "essiv")
 HASH_ALGS = ("md5", "sha1", "sha224", "sha256", "sha384", "sha512", "ripemd160")
 DEFAULTS = {"cipher_alg": "aes-256", "cipher_mode": "xts", "ivgen_alg": "plain64",
             "hash_alg": "sha256", "iter_time": 2000}
-# The ciphers this collection encrypts with (the others are compared, never written).
-WRITTEN_CIPHERS = ("aes-128", "aes-192", "aes-256")
+# The ciphers this collection encrypts with, and their key sizes (the others are compared,
+# never written).
+AES_KEY_BYTES = {"aes-128": 16, "aes-192": 24, "aes-256": 32}
+WRITTEN_CIPHERS = tuple(sorted(AES_KEY_BYTES))
+DIGEST_BYTES = {"md5": 16, "sha1": 20, "sha224": 28, "sha256": 32, "sha384": 48, "sha512": 64,
+                "ripemd160": 20}
+ESSIV_DEFAULT_HASH = "sha256"       # what QEMU takes for essiv without ivgen-hash-alg
 
 # Option name -> allowed values (None: not a choice).
 CHOICES = {"format": FORMATS, "cipher_alg": CIPHER_ALGS, "cipher_mode": CIPHER_MODES,
@@ -48,8 +53,8 @@ class Encryption(object):
 
     def key_bytes(self):
         """The master key's length: the cipher's key, twice for XTS."""
-        bits = int(self.cipher_alg.rsplit("-", 1)[1]) if "-" in self.cipher_alg else 128
-        return bits // 8 * (2 if self.cipher_mode == "xts" else 1)
+        return cipher_key(self.cipher_alg, self.cipher_mode, self.ivgen_alg,
+                          self.ivgen_hash_alg)[1]
 
     def region_size(self):
         """Bytes of the LUKS header region (header, eight key slots) as QEMU lays it out."""
@@ -99,30 +104,57 @@ def resolve(values):
     if not found:
         return None
     spec = dict(DEFAULTS, **found)
-    if spec["ivgen_alg"] == "essiv":
-        spec.setdefault("ivgen_hash_alg", "sha256")
-        digest = {"md5": 16, "sha1": 20, "sha224": 28, "sha256": 32, "sha384": 48,
-                  "sha512": 64, "ripemd160": 20}[spec["ivgen_hash_alg"]]
-        if digest not in (16, 24, 32):
-            raise Qcow2Error("encrypt_ivgen_hash_alg: essiv needs a hash whose digest is an AES "
-                             "key (16, 24 or 32 bytes); %s gives %d"
-                             % (spec["ivgen_hash_alg"], digest), option="encrypt_ivgen_hash_alg")
-    elif spec.get("ivgen_hash_alg") is not None:
+    if spec["ivgen_alg"] != "essiv" and spec.get("ivgen_hash_alg") is not None:
         raise Qcow2Error("encrypt_ivgen_hash_alg: only the essiv IV generator uses a hash "
                          "(encrypt_ivgen_alg is %s)" % spec["ivgen_alg"],
                          option="encrypt_ivgen_hash_alg")
-    if spec["cipher_alg"] == "aes-192" and spec["cipher_mode"] != "xts":
-        raise Qcow2Error("encrypt_cipher_alg: aes-192 is made only with encrypt_cipher_mode xts: "
-                         "with a 24-byte key the key slots' material (24 x 4000 bytes) ends "
-                         "inside a sector, and QEMU cannot open such a header",
-                         option="encrypt_cipher_alg")
-    if spec["cipher_alg"] not in WRITTEN_CIPHERS:
-        raise Qcow2Error("encrypt_cipher_alg: %s is a cipher QEMU knows, but this collection "
-                         "makes images with AES only (%s); images encrypted with it are "
-                         "inspected and compared, not created" % (spec["cipher_alg"],
-                                                                  ", ".join(WRITTEN_CIPHERS)),
-                         option="encrypt_cipher_alg")
+    spec["ivgen_hash_alg"] = cipher_key(spec["cipher_alg"], spec["cipher_mode"],
+                                        spec["ivgen_alg"], spec.get("ivgen_hash_alg"))[2]
+    check_makeable(spec["cipher_alg"], spec["cipher_mode"])
     return Encryption(**spec)
+
+
+def cipher_key(cipher_alg, cipher_mode, ivgen_alg, ivgen_hash_alg):
+    """(AES key bytes, master key bytes, ivgen_hash_alg as QEMU settles it) of a cipher this
+    collection encrypts with, or the Qcow2Error naming the option QEMU (or this collection)
+    refuses. The master key is two AES keys in XTS mode. The one statement of these rules:
+    declarations (resolve) and the sector cipher (crypto/sectors) both ask here."""
+    if cipher_alg not in AES_KEY_BYTES:
+        known = "a cipher QEMU knows, but this collection supports AES only" \
+            if cipher_alg in CIPHER_ALGS else "not a cipher QEMU knows; this collection supports"
+        raise Qcow2Error("encrypt_cipher_alg: %s is %s (%s); images encrypted with another "
+                         "cipher are inspected and compared, not created nor opened"
+                         % (cipher_alg, known, ", ".join(WRITTEN_CIPHERS)),
+                         option="encrypt_cipher_alg")
+    if cipher_mode not in CIPHER_MODES:
+        raise Qcow2Error("encrypt_cipher_mode: %s is not one of %s"
+                         % (cipher_mode, ", ".join(CIPHER_MODES)), option="encrypt_cipher_mode")
+    if ivgen_alg not in IVGEN_ALGS:
+        raise Qcow2Error("encrypt_ivgen_alg: %s is not one of %s"
+                         % (ivgen_alg, ", ".join(IVGEN_ALGS)), option="encrypt_ivgen_alg")
+    if ivgen_alg == "essiv":
+        ivgen_hash_alg = ivgen_hash_alg or ESSIV_DEFAULT_HASH
+        digest = DIGEST_BYTES.get(ivgen_hash_alg)
+        if digest not in (16, 24, 32):
+            raise Qcow2Error("encrypt_ivgen_hash_alg: essiv needs a hash whose digest is an AES "
+                             "key (16, 24 or 32 bytes); %s gives %s"
+                             % (ivgen_hash_alg, digest or "no digest QEMU knows"),
+                             option="encrypt_ivgen_hash_alg")
+    aes = AES_KEY_BYTES[cipher_alg]
+    return aes, aes * (2 if cipher_mode == "xts" else 1), ivgen_hash_alg
+
+
+def check_makeable(cipher_alg, cipher_mode):
+    """Refuse a cipher whose LUKS key slots QEMU could not open once made: key material
+    (the master key times 4000 stripes) that ends inside a sector, which aes-192 outside XTS
+    gives (QEMU 7.2 aborts making or opening such a header)."""
+    key_bytes = cipher_key(cipher_alg, cipher_mode, "plain64", None)[1]
+    if key_bytes * luks.STRIPES % luks.SECTOR:
+        raise Qcow2Error("encrypt_cipher_alg: %s is made only with encrypt_cipher_mode xts: in "
+                         "%s mode its key slots' material (%d x %d bytes) ends inside a sector, "
+                         "and QEMU cannot open such a header"
+                         % (cipher_alg, cipher_mode, key_bytes, luks.STRIPES),
+                         option="encrypt_cipher_alg")
 
 
 def compare(want, view):

@@ -319,6 +319,11 @@ class Image(object):
             raise Qcow2Error("corrupt image: " + found, path=self.path)
         self.luks = fields
 
+    def luks_region(self):
+        """The bytes of the LUKS header region (header and key slots), what crypto/luks1
+        unlocks; the parsed header is in self.luks."""
+        return self.read(self.crypto_offset, self.crypto_length)
+
     def _parse_bitmaps_extension(self):
         """The bitmaps extension. Its length is checked always; the rest only when the
         autoclear 'bitmaps' bit is set (QEMU ignores the extension otherwise). The last such

@@ -28,12 +28,15 @@ FAST = dict(encrypt_format="luks", encrypt_passphrase=SECRET, encrypt_iter_time=
 
 
 def _both(capsys, **args):
-    """(check-mode result, real result), asserted to agree."""
+    """(check-mode result, real result), asserted to agree: changed, actions, the diff's text,
+    or the failure."""
+    args.setdefault("_ansible_diff", True)
     predicted, done = module_runs.both(image_module, capsys, **args)
     assert predicted.get("failed", False) == done.get("failed", False), (predicted, done)
     assert predicted.get("changed") == done.get("changed"), (predicted, done)
     if not done.get("failed"):
         assert predicted["actions"] == done["actions"]
+        assert predicted["diff"] == done["diff"], (predicted["diff"], done["diff"])
     else:
         assert predicted["msg"] == done["msg"]
     for result in (predicted, done):
@@ -153,6 +156,11 @@ def test_passphrase_file_attacks_refused(tmp_path, capsys):
     worker.join(60)
     assert not worker.is_alive(), "a FIFO as passphrase file blocked the module"
     result = outcome["result"]
+    assert result["failed"] and "not a regular file" in result["msg"]
+    # A link is followed (secrets often live behind one), but to a device node it is refused.
+    link = tmp_path / "device.key"
+    os.symlink("/dev/zero", str(link))
+    result = module_runs.run(image_module, capsys, encrypt_passphrase_file=str(link), **args)
     assert result["failed"] and "not a regular file" in result["msg"]
     big = tmp_path / "big.key"
     big.write_bytes(b"x" * (64 * 1024 + 1))
