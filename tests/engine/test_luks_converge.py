@@ -327,3 +327,30 @@ def test_a_run_derives_each_key_slot_once(tmp_path, monkeypatch):
     assert proc.returncode == 0, proc.stderr
     with open(str(tmp_path / "c.raw"), "rb") as handle:
         assert handle.read(SIZE) == before
+
+
+def test_encrypted_template_naming_a_host_file_is_refused_before_reading_it(tmp_path):
+    """An encrypted template whose backing file is a host file (a secret): with its passphrase
+    it is still refused as a template with a backing chain, naming the file, and nothing is
+    made: the same policy as for a plain template (test_template_policy shows the backing file
+    is never opened)."""
+    secret = tmp_path / "secret.raw"
+    secret.write_bytes(b"host secret " * 1000)
+    path = str(tmp_path / "tpl.qcow2")
+    proc = None
+    for _attempt in range(oracle.LUKS_ATTEMPTS):
+        proc = oracle.run(oracle.QEMU_IMG, "create", "-q", "-f", "qcow2", "-u", "--object",
+                          "secret,id=s0,data=abc", "-b", str(secret), "-F", "raw", "-o",
+                          "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
+                          path, "1M")
+        if proc.returncode == 0:
+            break
+    assert proc.returncode == 0, proc.stderr
+    target = str(tmp_path / "new.qcow2")
+    for attempt in (lambda: api.preflight_create(target, {}, source=path,
+                                                 source_format="qcow2", source_passphrase=KEY),
+                    lambda: api.create_from(target, {}, path, "qcow2", source_passphrase=KEY)):
+        with pytest.raises(Qcow2Error) as err:
+            attempt()
+        assert str(secret) in str(err.value) and "source_backing_chain" in str(err.value)
+    assert not os.path.exists(target)
